@@ -1,0 +1,467 @@
+//! Settings: built-in defaults < `config/default.toml` < `--config FILE` < `WAZZUP_SYNC__*` variables,
+//! checked once at start-up into typed values.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::str::FromStr;
+
+use config::{Config, Environment, File, FileFormat};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use sqlx::postgres::PgConnectOptions;
+
+use crate::domain::Role;
+
+/// The defaults shipped in the binary (the same file as `config/default.toml`).
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+/// Prefix of every environment variable the daemon reads.
+pub const ENV_PREFIX: &str = "WAZZUP_SYNC";
+
+/// A setting that cannot be used; the message names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub source: SourceSettings,
+    pub state: StateSettings,
+    pub wazzup: WazzupSettings,
+    pub sync: SyncSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    pub url: SecretString,
+    pub users_query: String,
+    pub roles_query: String,
+    pub accounts_query: String,
+    pub default_phone_region: String,
+    pub max_connections: u32,
+    #[serde(default)]
+    pub role_map: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSettings {
+    pub url: SecretString,
+    pub schema: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WazzupSettings {
+    pub base_url: String,
+    pub token: SecretString,
+    pub push_input_output_message_events_for_managers: bool,
+    pub single_account_id: String,
+    pub request_timeout_secs: u64,
+    pub rate_limit_per_second: u32,
+    pub allow_insecure_http: bool,
+    pub retry_max_attempts: usize,
+    pub retry_initial_backoff_ms: u64,
+    pub retry_max_backoff_ms: u64,
+    pub retry_max_elapsed_secs: u64,
+    pub auth_cooldown_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSettings {
+    pub schedule: String,
+    pub delete_missing: bool,
+    pub concurrency: usize,
+    pub batch_size: usize,
+    pub mass_delete_max_percent: u32,
+    pub mass_delete_min: usize,
+    pub allow_mass_delete: bool,
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: String,
+    pub level: String,
+}
+
+impl Settings {
+    /// Loads the layered configuration from the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    /// Loads the layered configuration with the given variables standing in for the environment.
+    pub fn load_from(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let vars: config::Map<String, String> = vars
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+            .collect();
+        let mut builder = Config::builder()
+            .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
+            .add_source(File::new("config/default.toml", FileFormat::Toml).required(false));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError(format!(
+                    "Configuration file {} does not exist",
+                    path.display()
+                )));
+            }
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(vars)),
+        );
+        let raw = builder.build().map_err(describe_config_error)?;
+        let settings: Settings = raw.try_deserialize().map_err(describe_config_error)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let s = self;
+        if s.source.url.expose_secret().trim().is_empty() {
+            return Err(bad(
+                "SOURCE__URL",
+                "is not set: the CRM's PostgreSQL URL is required",
+            ));
+        }
+        PgConnectOptions::from_str(s.source.url.expose_secret())
+            .map_err(|_| bad("SOURCE__URL", "is not a valid PostgreSQL URL"))?;
+        if !s.state.url.expose_secret().trim().is_empty() {
+            PgConnectOptions::from_str(s.state.url.expose_secret())
+                .map_err(|_| bad("STATE__URL", "is not a valid PostgreSQL URL"))?;
+        }
+        if !is_identifier(&s.state.schema) {
+            return Err(bad(
+                "STATE__SCHEMA",
+                "must be a lower-case SQL identifier (letters, digits, _; at most 63)",
+            ));
+        }
+        for (key, q) in [
+            ("SOURCE__USERS_QUERY", &s.source.users_query),
+            ("SOURCE__ROLES_QUERY", &s.source.roles_query),
+            ("SOURCE__ACCOUNTS_QUERY", &s.source.accounts_query),
+        ] {
+            if q.trim().is_empty() {
+                return Err(bad(key, "is empty"));
+            }
+        }
+        if !s.source.default_phone_region.is_empty() {
+            phonenumber::country::Id::from_str(&s.source.default_phone_region.to_uppercase())
+                .map_err(|_| {
+                    bad(
+                        "SOURCE__DEFAULT_PHONE_REGION",
+                        "is not an ISO 3166 region code such as RU or LV",
+                    )
+                })?;
+        }
+        for (crm, api) in &s.source.role_map {
+            if Role::parse_api(api).is_none() {
+                return Err(ConfigError(format!(
+                    "{ENV_PREFIX}__SOURCE__ROLE_MAP__{}: '{api}' is not an API role (seller, manager, auditor)",
+                    crm.to_uppercase()
+                )));
+            }
+        }
+        self.wazzup_base_url()?;
+        if s.wazzup.rate_limit_per_second == 0 {
+            return Err(bad("WAZZUP__RATE_LIMIT_PER_SECOND", "must be at least 1"));
+        }
+        if s.wazzup.request_timeout_secs == 0 {
+            return Err(bad("WAZZUP__REQUEST_TIMEOUT_SECS", "must be at least 1"));
+        }
+        if s.wazzup.retry_max_attempts == 0 {
+            return Err(bad("WAZZUP__RETRY_MAX_ATTEMPTS", "must be at least 1"));
+        }
+        if s.wazzup.single_account_id.trim().is_empty() {
+            return Err(bad("WAZZUP__SINGLE_ACCOUNT_ID", "is empty"));
+        }
+        if s.sync.batch_size == 0 || s.sync.batch_size > 100 {
+            return Err(bad(
+                "SYNC__BATCH_SIZE",
+                "must be between 1 and 100 (Wazzup's limit)",
+            ));
+        }
+        if s.sync.concurrency == 0 {
+            return Err(bad("SYNC__CONCURRENCY", "must be at least 1"));
+        }
+        if s.sync.mass_delete_max_percent > 100 {
+            return Err(bad("SYNC__MASS_DELETE_MAX_PERCENT", "must be 0..100"));
+        }
+        validate_cron(&s.sync.schedule).map_err(|e| bad("SYNC__SCHEDULE", &e))?;
+        if !matches!(s.log.format.as_str(), "json" | "pretty" | "auto") {
+            return Err(bad("LOG__FORMAT", "must be json, pretty or auto"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&s.log.level)
+            .map_err(|_| bad("LOG__LEVEL", "is not a valid log filter"))?;
+        Ok(())
+    }
+
+    /// The Wazzup base URL, checked: https, or http to a loopback address (or when allowed).
+    pub fn wazzup_base_url(&self) -> Result<reqwest::Url, ConfigError> {
+        let url = reqwest::Url::parse(self.wazzup.base_url.trim_end_matches('/'))
+            .map_err(|_| bad("WAZZUP__BASE_URL", "is not a valid URL"))?;
+        match url.scheme() {
+            "https" => Ok(url),
+            "http" if is_loopback(&url) || self.wazzup.allow_insecure_http => Ok(url),
+            "http" => Err(bad(
+                "WAZZUP__BASE_URL",
+                "uses plain http to a non-loopback host; use https or set WAZZUP_SYNC__WAZZUP__ALLOW_INSECURE_HTTP=true",
+            )),
+            _ => Err(bad("WAZZUP__BASE_URL", "must be an https URL")),
+        }
+    }
+
+    /// True when plain http goes to a non-loopback host (allowed only by the insecure setting).
+    pub fn insecure_http_in_use(&self) -> bool {
+        self.wazzup_base_url()
+            .map(|u| u.scheme() == "http" && !is_loopback(&u))
+            .unwrap_or(false)
+    }
+
+    /// The single-account token, when single-account mode is on.
+    pub fn single_token(&self) -> Option<&SecretString> {
+        let t = &self.wazzup.token;
+        (!t.expose_secret().trim().is_empty()).then_some(t)
+    }
+
+    /// The state database URL (the source URL when none is set).
+    pub fn state_url(&self) -> &SecretString {
+        if self.state.url.expose_secret().trim().is_empty() {
+            &self.source.url
+        } else {
+            &self.state.url
+        }
+    }
+
+    /// The default phone region, when one is set.
+    pub fn phone_region(&self) -> Option<phonenumber::country::Id> {
+        phonenumber::country::Id::from_str(&self.source.default_phone_region.to_uppercase()).ok()
+    }
+
+    /// The CRM-role map, keys folded to lower case.
+    pub fn role_map(&self) -> BTreeMap<String, Role> {
+        self.source
+            .role_map
+            .iter()
+            .filter_map(|(k, v)| Some((k.trim().to_lowercase(), Role::parse_api(v)?)))
+            .collect()
+    }
+}
+
+fn bad(key: &str, what: &str) -> ConfigError {
+    ConfigError(format!("{ENV_PREFIX}__{key} {what}"))
+}
+
+/// Turns the config crate's error into one line naming the variable, never echoing a value.
+fn describe_config_error(e: config::ConfigError) -> ConfigError {
+    match &e {
+        config::ConfigError::Type {
+            key: Some(key),
+            expected,
+            ..
+        } => ConfigError(format!(
+            "{} has a wrong value: expected {expected}",
+            env_name(key)
+        )),
+        config::ConfigError::FileParse { uri, .. } => ConfigError(format!(
+            "Configuration file {} is not valid TOML",
+            uri.as_deref().unwrap_or("?")
+        )),
+        _ => {
+            let msg = e.to_string();
+            if let Some(field) = msg
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+            {
+                ConfigError(format!(
+                    "Unknown setting '{field}' (check the WAZZUP_SYNC__ variables and the config file): {msg}"
+                ))
+            } else if let Some(field) = msg
+                .strip_prefix("missing field `")
+                .and_then(|r| r.split('`').next())
+            {
+                ConfigError(format!("Missing setting '{field}'"))
+            } else {
+                ConfigError(format!("Invalid configuration: {msg}"))
+            }
+        }
+    }
+}
+
+fn env_name(key: &str) -> String {
+    format!(
+        "{ENV_PREFIX}__{}",
+        key.replace('.', "__").replace('-', "_").to_uppercase()
+    )
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && s.len() <= 63
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn is_loopback(url: &reqwest::Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d == "localhost",
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
+        None => false,
+    }
+}
+
+/// Checks a six-field cron expression (with seconds).
+pub fn validate_cron(expr: &str) -> Result<(), String> {
+    if expr.split_whitespace().count() != 6 {
+        return Err(format!(
+            "must be a cron expression with seconds (6 fields), got {} fields",
+            expr.split_whitespace().count()
+        ));
+    }
+    tokio_cron_scheduler::Job::new_async(expr, |_, _| Box::pin(async {}))
+        .map(|_| ())
+        .map_err(|_| "is not a valid cron expression".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_load_when_only_the_source_url_is_set() {
+        let s = Settings::load_from(
+            None,
+            vars(&[("WAZZUP_SYNC__SOURCE__URL", "postgres://u@localhost/crm")]),
+        )
+        .unwrap();
+        assert_eq!(s.sync.schedule, "*/30 * * * * *");
+        assert_eq!(s.state.schema, "wazzup_sync");
+        assert_eq!(s.wazzup.base_url, "https://tech.wazzup24.com");
+        assert!(s.single_token().is_none());
+        assert!(s.sync.delete_missing);
+    }
+
+    #[test]
+    fn missing_source_url_names_the_variable() {
+        let e = Settings::load_from(None, vars(&[])).unwrap_err();
+        assert!(e.0.contains("WAZZUP_SYNC__SOURCE__URL"), "{e}");
+    }
+
+    #[test]
+    fn a_wrongly_typed_value_names_the_variable_and_hides_the_value() {
+        let e = Settings::load_from(
+            None,
+            vars(&[
+                ("WAZZUP_SYNC__SOURCE__URL", "postgres://localhost/crm"),
+                ("WAZZUP_SYNC__SYNC__DELETE_MISSING", "sometimes"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("WAZZUP_SYNC__SYNC__DELETE_MISSING"), "{e}");
+        assert!(!e.0.contains("sometimes"), "{e}");
+    }
+
+    #[test]
+    fn a_bad_schedule_is_refused() {
+        let e = Settings::load_from(
+            None,
+            vars(&[
+                ("WAZZUP_SYNC__SOURCE__URL", "postgres://localhost/crm"),
+                ("WAZZUP_SYNC__SYNC__SCHEDULE", "every minute"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("WAZZUP_SYNC__SYNC__SCHEDULE"), "{e}");
+    }
+
+    #[test]
+    fn plain_http_is_only_for_loopback() {
+        let base = [("WAZZUP_SYNC__SOURCE__URL", "postgres://localhost/crm")];
+        let mut v = vars(&base);
+        v.push((
+            "WAZZUP_SYNC__WAZZUP__BASE_URL".into(),
+            "http://example.com".into(),
+        ));
+        let e = Settings::load_from(None, v.clone()).unwrap_err();
+        assert!(e.0.contains("WAZZUP_SYNC__WAZZUP__BASE_URL"), "{e}");
+        v.push((
+            "WAZZUP_SYNC__WAZZUP__ALLOW_INSECURE_HTTP".into(),
+            "true".into(),
+        ));
+        let s = Settings::load_from(None, v).unwrap();
+        assert!(s.insecure_http_in_use());
+        let mut v = vars(&base);
+        v.push((
+            "WAZZUP_SYNC__WAZZUP__BASE_URL".into(),
+            "http://127.0.0.1:8080".into(),
+        ));
+        assert!(!Settings::load_from(None, v).unwrap().insecure_http_in_use());
+    }
+
+    #[test]
+    fn an_unknown_setting_is_refused() {
+        let e = Settings::load_from(
+            None,
+            vars(&[
+                ("WAZZUP_SYNC__SOURCE__URL", "postgres://localhost/crm"),
+                ("WAZZUP_SYNC__SYNC__SCHEDULLE", "* * * * * *"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("schedulle"), "{e}");
+    }
+
+    #[test]
+    fn the_token_never_appears_in_debug_output() {
+        let s = Settings::load_from(
+            None,
+            vars(&[
+                (
+                    "WAZZUP_SYNC__SOURCE__URL",
+                    "postgres://u:hunter2@localhost/crm",
+                ),
+                ("WAZZUP_SYNC__WAZZUP__TOKEN", "tok-very-secret"),
+            ]),
+        )
+        .unwrap();
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("tok-very-secret"));
+        assert!(!dbg.contains("hunter2"));
+        assert!(s.single_token().is_some());
+    }
+
+    #[test]
+    fn a_role_map_to_a_non_api_role_is_refused() {
+        let e = Settings::load_from(
+            None,
+            vars(&[
+                ("WAZZUP_SYNC__SOURCE__URL", "postgres://localhost/crm"),
+                ("WAZZUP_SYNC__SOURCE__ROLE_MAP__SUPERVISOR", "boss"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("ROLE_MAP__SUPERVISOR"), "{e}");
+    }
+}

@@ -1,0 +1,714 @@
+//! A stateful stand-in for the Wazzup Users & Settings API, for tests, demos and benchmarks.
+//!
+//! Per-token accounts with users and settings, the documented limits (100 per request,
+//! 64/150 characters, 1,000 users, unique phones), errors as `{error, description, data}`,
+//! and a switchboard of faults. It listens on loopback only.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::domain::{SettingsDoc, UserPayload};
+
+/// Users one account may hold.
+pub const USER_LIMIT: usize = 1000;
+
+/// One simulated account.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SimAccount {
+    pub users: BTreeMap<String, UserPayload>,
+    pub settings: SettingsDoc,
+    pub user_limit: usize,
+}
+
+/// A request the simulator answered.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestRecord {
+    pub token: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    /// Ids in a users body, when any.
+    pub ids: Vec<String>,
+}
+
+/// One scripted fault, consumed by the next matching request.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// Answer with this status and body (the request is not applied).
+    Status {
+        status: u16,
+        #[serde(default)]
+        body: String,
+        #[serde(default)]
+        retry_after: Option<String>,
+    },
+    /// Apply the request, then answer with this `processed` instead of the real count,
+    /// having applied only the first `processed` users.
+    ShortProcessed { processed: usize },
+    /// Wait this long before answering (beyond the client's timeout, it is a timeout).
+    Delay { ms: u64 },
+}
+
+/// The fault switchboard.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct Faults {
+    /// Faults for the next requests, in order; `(method, path prefix)` filters, empty = any.
+    #[serde(default)]
+    pub script: VecDeque<ScriptedFault>,
+    /// Answer 401 for these tokens.
+    #[serde(default)]
+    pub unauthorized_tokens: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ScriptedFault {
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    pub fault: Fault,
+}
+
+#[derive(Debug, Default)]
+struct SimState {
+    accounts: HashMap<String, SimAccount>,
+    /// Unknown tokens get a new empty account (the demo); otherwise 401.
+    open_registration: bool,
+    requests: Vec<RequestRecord>,
+    faults: Faults,
+}
+
+type Shared = Arc<Mutex<SimState>>;
+
+/// A running simulator.
+#[derive(Clone)]
+pub struct Simulator {
+    addr: SocketAddr,
+    state: Shared,
+}
+
+impl Simulator {
+    /// Starts on a loopback address (`127.0.0.1:0` picks a free port).
+    pub async fn start(listen: &str, open_registration: bool) -> anyhow::Result<Self> {
+        let addr: SocketAddr = listen.parse()?;
+        anyhow::ensure!(
+            addr.ip().is_loopback(),
+            "The simulator listens on loopback addresses only, not {addr}"
+        );
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state: Shared = Arc::new(Mutex::new(SimState {
+            open_registration,
+            ..Default::default()
+        }));
+        let app = router(state.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { addr, state })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Base URL to give the daemon.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
+        self.state.lock().expect("simulator state")
+    }
+
+    /// Creates an empty account for a token.
+    pub fn add_account(&self, token: &str) {
+        self.lock()
+            .accounts
+            .entry(token.to_string())
+            .or_insert_with(|| SimAccount {
+                user_limit: USER_LIMIT,
+                ..Default::default()
+            });
+    }
+
+    /// Sets an account's user limit.
+    pub fn set_user_limit(&self, token: &str, limit: usize) {
+        self.add_account(token);
+        self.lock().accounts.get_mut(token).unwrap().user_limit = limit;
+    }
+
+    /// Puts users straight into an account, as if someone added them in Wazzup.
+    pub fn insert_users(&self, token: &str, users: &[UserPayload]) {
+        self.add_account(token);
+        let mut s = self.lock();
+        let acct = s.accounts.get_mut(token).unwrap();
+        for u in users {
+            acct.users.insert(u.id.clone(), u.clone());
+        }
+    }
+
+    /// Removes a user straight from an account, as if deleted in the Wazzup UI.
+    pub fn remove_user(&self, token: &str, id: &str) {
+        if let Some(a) = self.lock().accounts.get_mut(token) {
+            a.users.remove(id);
+        }
+    }
+
+    /// An account's users, by id.
+    pub fn users(&self, token: &str) -> BTreeMap<String, UserPayload> {
+        self.lock()
+            .accounts
+            .get(token)
+            .map(|a| a.users.clone())
+            .unwrap_or_default()
+    }
+
+    /// An account's settings document.
+    pub fn settings(&self, token: &str) -> SettingsDoc {
+        self.lock()
+            .accounts
+            .get(token)
+            .map(|a| a.settings.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every request answered so far.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.lock().requests.clone()
+    }
+
+    pub fn request_count(&self) -> usize {
+        self.lock().requests.len()
+    }
+
+    pub fn clear_requests(&self) {
+        self.lock().requests.clear();
+    }
+
+    /// Queues a fault for the next request matching `method` and `path` (None: any).
+    pub fn push_fault(&self, method: Option<&str>, path: Option<&str>, fault: Fault) {
+        self.lock().faults.script.push_back(ScriptedFault {
+            method: method.map(str::to_string),
+            path: path.map(str::to_string),
+            fault,
+        });
+    }
+
+    /// Makes every request with this token answer 401 (or stop doing so).
+    pub fn set_unauthorized(&self, token: &str, on: bool) {
+        let mut s = self.lock();
+        s.faults.unauthorized_tokens.retain(|t| t != token);
+        if on {
+            s.faults.unauthorized_tokens.push(token.to_string());
+        }
+    }
+}
+
+fn router(state: Shared) -> Router {
+    Router::new()
+        .route(
+            "/v2/users",
+            post(users_post)
+                .patch(users_post)
+                .get(users_get)
+                .delete(users_delete),
+        )
+        .route("/v2/users/{id}", get(user_get))
+        .route("/v2/settings", get(settings_get).patch(settings_patch))
+        .route("/_sim/state", get(sim_state))
+        .route("/_sim/requests", get(sim_requests))
+        .route("/_sim/faults", post(sim_faults))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, code: &str, description: &str, data: Option<Value>) -> Response {
+    let mut body = json!({ "error": code, "description": description });
+    if let Some(d) = data {
+        body["data"] = d;
+    }
+    (status, axum::Json(body)).into_response()
+}
+
+fn ok(data: Value) -> Response {
+    let ts = chrono::Utc::now().timestamp();
+    (
+        StatusCode::OK,
+        axum::Json(json!({ "data": data, "meta": { "timestamp": ts } })),
+    )
+        .into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::to_string)
+}
+
+/// What the common request prologue decided.
+enum Gate {
+    Go(String, Option<Fault>),
+    Answer(Response),
+}
+
+/// Authenticates, records the request and picks a scripted fault.
+fn gate(
+    state: &Shared,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    ids: Vec<String>,
+) -> Gate {
+    let mut s = state.lock().expect("simulator state");
+    let token = bearer(headers).unwrap_or_default();
+    let mut record = RequestRecord {
+        token: token.clone(),
+        method: method.to_string(),
+        path: path.to_string(),
+        status: 200,
+        ids,
+    };
+    let fault_pos = s.faults.script.iter().position(|f| {
+        f.method
+            .as_deref()
+            .is_none_or(|m| m.eq_ignore_ascii_case(method.as_str()))
+            && f.path.as_deref().is_none_or(|p| path.starts_with(p))
+    });
+    let fault = fault_pos
+        .and_then(|i| s.faults.script.remove(i))
+        .map(|f| f.fault);
+    let unauthorized = token.is_empty()
+        || s.faults.unauthorized_tokens.contains(&token)
+        || (!s.accounts.contains_key(&token) && !s.open_registration);
+    if unauthorized {
+        record.status = 401;
+        s.requests.push(record);
+        return Gate::Answer(error(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "Missing or invalid token",
+            None,
+        ));
+    }
+    s.accounts
+        .entry(token.clone())
+        .or_insert_with(|| SimAccount {
+            user_limit: USER_LIMIT,
+            ..Default::default()
+        });
+    if let Some(Fault::Status { status, .. }) = &fault {
+        record.status = *status;
+    }
+    s.requests.push(record);
+    Gate::Go(token, fault)
+}
+
+/// Answers a scripted status fault, or waits a scripted delay; None: go on.
+async fn apply_fault(fault: &Option<Fault>) -> Option<Response> {
+    match fault {
+        Some(Fault::Status {
+            status,
+            body,
+            retry_after,
+        }) => {
+            let mut resp = (
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                body.clone(),
+            )
+                .into_response();
+            if let Some(ra) = retry_after
+                && let Ok(v) = ra.parse()
+            {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            Some(resp)
+        }
+        Some(Fault::Delay { ms }) => {
+            tokio::time::sleep(Duration::from_millis(*ms)).await;
+            None
+        }
+        _ => None,
+    }
+}
+
+fn is_wazzup_phone(p: &str) -> bool {
+    (8..=15).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit())
+}
+
+fn set_status(state: &Shared, status: u16) {
+    if let Some(r) = state.lock().expect("simulator state").requests.last_mut() {
+        r.status = status;
+    }
+}
+
+async fn users_post(
+    State(state): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let parsed: Option<Value> = serde_json::from_slice(&body).ok();
+    let users = parsed
+        .as_ref()
+        .and_then(|v| v.get("users"))
+        .and_then(Value::as_array)
+        .cloned();
+    let ids: Vec<String> = users
+        .iter()
+        .flatten()
+        .filter_map(|u| u.get("id").and_then(Value::as_str).map(str::to_string))
+        .collect();
+    let (token, fault) = match gate(&state, &method, "/v2/users", &headers, ids) {
+        Gate::Go(t, f) => (t, f),
+        Gate::Answer(r) => return r,
+    };
+    if let Some(r) = apply_fault(&fault).await {
+        return r;
+    }
+    let resp = apply_users(&state, &token, users, &fault, method == Method::PATCH);
+    set_status(&state, resp.status().as_u16());
+    resp
+}
+
+fn apply_users(
+    state: &Shared,
+    token: &str,
+    users: Option<Vec<Value>>,
+    fault: &Option<Fault>,
+    update_only: bool,
+) -> Response {
+    let Some(users) = users.filter(|u| !u.is_empty()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_USER_DATA",
+            "The request body is empty",
+            None,
+        );
+    };
+    if users.len() > 100 {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "TOO_MANY_ENTITIES",
+            "At most 100 users per request",
+            None,
+        );
+    }
+    // Parse and check each entry.
+    let mut bad = Vec::new();
+    let mut parsed = Vec::with_capacity(users.len());
+    for (index, u) in users.iter().enumerate() {
+        let id = u.get("id").and_then(Value::as_str).unwrap_or("");
+        let name = u.get("name").and_then(Value::as_str).unwrap_or("");
+        let mut fields = Vec::new();
+        if id.is_empty() || id.chars().count() > 64 {
+            fields.push("id");
+        }
+        if name.is_empty() || name.chars().count() > 150 {
+            fields.push("name");
+        }
+        if !fields.is_empty() {
+            bad.push(json!({ "index": index, "fields": fields }));
+            continue;
+        }
+        let phone = u
+            .get("phone")
+            .and_then(Value::as_str)
+            .filter(|p| is_wazzup_phone(p))
+            .map(str::to_string);
+        parsed.push(UserPayload {
+            id: id.into(),
+            name: name.into(),
+            phone,
+        });
+    }
+    if !bad.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_USER_DATA",
+            "One or more of the provided fields are invalid",
+            Some(Value::Array(bad)),
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    if !parsed.iter().all(|u| seen.insert(u.id.clone())) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error").into_response();
+    }
+    let mut s = state.lock().expect("simulator state");
+    let acct = s.accounts.get_mut(token).expect("gated account");
+    // Phones are unique per account (across the batch too).
+    let mut phones: HashMap<String, String> = acct
+        .users
+        .values()
+        .filter_map(|u| u.phone.clone().map(|p| (p, u.id.clone())))
+        .collect();
+    for u in &parsed {
+        if let Some(p) = &u.phone {
+            match phones.get(p) {
+                Some(owner) if *owner != u.id => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "USER_ALREADY_EXISTS",
+                        &format!("User with phone number {p} already exists in the CRM."),
+                        None,
+                    );
+                }
+                _ => {
+                    phones.insert(p.clone(), u.id.clone());
+                }
+            }
+        }
+    }
+    if update_only {
+        let parsed: Vec<_> = parsed
+            .into_iter()
+            .filter(|u| acct.users.contains_key(&u.id))
+            .collect();
+        let n = parsed.len();
+        for u in parsed {
+            acct.users.insert(u.id.clone(), u);
+        }
+        return ok(json!({ "processed": n }));
+    }
+    let new = parsed
+        .iter()
+        .filter(|u| !acct.users.contains_key(&u.id))
+        .count();
+    if acct.users.len() + new > acct.user_limit {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "USER_LIMIT_EXCEEDED",
+            "The 1,000-user limit has been reached",
+            None,
+        );
+    }
+    let applied = match fault {
+        Some(Fault::ShortProcessed { processed }) => (*processed).min(parsed.len()),
+        _ => parsed.len(),
+    };
+    for u in parsed.into_iter().take(applied) {
+        acct.users.insert(u.id.clone(), u);
+    }
+    ok(json!({ "processed": applied }))
+}
+
+#[derive(Deserialize)]
+struct Page {
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+async fn users_get(
+    State(state): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    Query(page): Query<Page>,
+) -> Response {
+    let (token, fault) = match gate(&state, &method, "/v2/users", &headers, vec![]) {
+        Gate::Go(t, f) => (t, f),
+        Gate::Answer(r) => return r,
+    };
+    if let Some(r) = apply_fault(&fault).await {
+        return r;
+    }
+    let s = state.lock().expect("simulator state");
+    let acct = &s.accounts[&token];
+    let limit = page.limit.unwrap_or(100).clamp(1, 100);
+    let users: Vec<&UserPayload> = acct
+        .users
+        .values()
+        .skip(page.offset.unwrap_or(0))
+        .take(limit)
+        .collect();
+    ok(json!(users))
+}
+
+async fn user_get(
+    State(state): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let (token, fault) = match gate(&state, &method, "/v2/users/", &headers, vec![id.clone()]) {
+        Gate::Go(t, f) => (t, f),
+        Gate::Answer(r) => return r,
+    };
+    if let Some(r) = apply_fault(&fault).await {
+        return r;
+    }
+    let s = state.lock().expect("simulator state");
+    match s.accounts[&token].users.get(&id) {
+        Some(u) => ok(json!([u])),
+        None => ok(json!([])),
+    }
+}
+
+async fn users_delete(
+    State(state): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let ids: Option<Vec<String>> = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| serde_json::from_value(v.get("user_ids")?.clone()).ok());
+    let (token, fault) = match gate(
+        &state,
+        &method,
+        "/v2/users",
+        &headers,
+        ids.clone().unwrap_or_default(),
+    ) {
+        Gate::Go(t, f) => (t, f),
+        Gate::Answer(r) => return r,
+    };
+    if let Some(r) = apply_fault(&fault).await {
+        return r;
+    }
+    let resp = match ids {
+        None => error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_USER_DATA",
+            "user_ids is required",
+            None,
+        ),
+        Some(ids) if ids.len() > 100 => error(
+            StatusCode::BAD_REQUEST,
+            "TOO_MANY_ENTITIES",
+            "At most 100 ids per request",
+            None,
+        ),
+        Some(ids) => {
+            let mut s = state.lock().expect("simulator state");
+            let acct = s.accounts.get_mut(&token).expect("gated account");
+            for id in &ids {
+                acct.users.remove(id);
+            }
+            acct.settings
+                .user_roles
+                .retain(|r| !ids.contains(&r.user_id));
+            acct.settings
+                .hide_phone_numbers_for_user_ids
+                .retain(|u| !ids.contains(u));
+            ok(Value::Null)
+        }
+    };
+    set_status(&state, resp.status().as_u16());
+    resp
+}
+
+async fn settings_get(State(state): State<Shared>, method: Method, headers: HeaderMap) -> Response {
+    let (token, fault) = match gate(&state, &method, "/v2/settings", &headers, vec![]) {
+        Gate::Go(t, f) => (t, f),
+        Gate::Answer(r) => return r,
+    };
+    if let Some(r) = apply_fault(&fault).await {
+        return r;
+    }
+    let s = state.lock().expect("simulator state");
+    (
+        StatusCode::OK,
+        axum::Json(s.accounts[&token].settings.clone()),
+    )
+        .into_response()
+}
+
+async fn settings_patch(
+    State(state): State<Shared>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (token, fault) = match gate(&state, &method, "/v2/settings", &headers, vec![]) {
+        Gate::Go(t, f) => (t, f),
+        Gate::Answer(r) => return r,
+    };
+    if let Some(r) = apply_fault(&fault).await {
+        return r;
+    }
+    let resp = match serde_json::from_slice::<SettingsDoc>(&body) {
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            "INVALID_SETTINGS",
+            &format!("Invalid settings: {e}"),
+            None,
+        ),
+        Ok(doc) => {
+            let mut s = state.lock().expect("simulator state");
+            let acct = s.accounts.get_mut(&token).expect("gated account");
+            let unknown: Vec<&str> = doc
+                .user_roles
+                .iter()
+                .map(|r| r.user_id.as_str())
+                .chain(
+                    doc.hide_phone_numbers_for_user_ids
+                        .iter()
+                        .map(String::as_str),
+                )
+                .filter(|u| !acct.users.contains_key(*u))
+                .collect();
+            if let Some(u) = unknown.first() {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "USER_NOT_FOUND",
+                    &format!("User {u} does not exist"),
+                    None,
+                )
+            } else if doc.user_roles.iter().any(|r| r.channel_id.is_empty()) {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "INVALID_SETTINGS",
+                    "channel_id is required",
+                    None,
+                )
+            } else {
+                acct.settings = doc.clone();
+                (StatusCode::OK, axum::Json(doc)).into_response()
+            }
+        }
+    };
+    set_status(&state, resp.status().as_u16());
+    resp
+}
+
+async fn sim_state(State(state): State<Shared>) -> Response {
+    let s = state.lock().expect("simulator state");
+    let accounts: BTreeMap<String, Value> = s
+        .accounts
+        .iter()
+        .map(|(t, a)| {
+            (
+                crate::wazzup::token_fingerprint(&secrecy::SecretString::from(t.clone())),
+                json!({ "users": a.users.values().collect::<Vec<_>>(), "settings": a.settings }),
+            )
+        })
+        .collect();
+    axum::Json(json!({ "accounts": accounts })).into_response()
+}
+
+async fn sim_requests(State(state): State<Shared>) -> Response {
+    let s = state.lock().expect("simulator state");
+    axum::Json(json!({ "count": s.requests.len() })).into_response()
+}
+
+async fn sim_faults(
+    State(state): State<Shared>,
+    axum::Json(faults): axum::Json<Faults>,
+) -> Response {
+    state.lock().expect("simulator state").faults = faults;
+    StatusCode::NO_CONTENT.into_response()
+}

@@ -1,0 +1,425 @@
+//! The daemon's own tables: the mirror of what Wazzup acknowledged, accounts, dead letters.
+//!
+//! Every write is set-based, and happens only after Wazzup acknowledged what it records.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, PgConnection};
+
+use crate::config::Settings;
+use crate::domain::{Entity, Rejection, SettingsDoc};
+
+/// The embedded migrations.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Opens the state pool; its sessions' search_path is the state schema.
+pub fn connect(settings: &Settings) -> Result<PgPool, sqlx::Error> {
+    let opts = PgConnectOptions::from_str(settings.state_url().expose_secret())?
+        .application_name("wazzup-sync")
+        .options([("search_path", settings.state.schema.as_str())]);
+    Ok(PgPoolOptions::new()
+        .max_connections(settings.state.max_connections.max(2))
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with(opts))
+}
+
+/// Creates the schema if needed and applies pending migrations (additive only).
+pub async fn migrate(pool: &PgPool, schema: &str) -> anyhow::Result<()> {
+    let mut conn = pool.acquire().await?;
+    // The schema name was checked to be a plain identifier at start-up.
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}"
+    )))
+    .execute(&mut *conn)
+    .await?;
+    MIGRATOR.run(&mut *conn).await?;
+    Ok(())
+}
+
+/// True when the state tables exist (a dry run must not create them).
+pub async fn is_migrated(pool: &PgPool, schema: &str) -> Result<bool, sqlx::Error> {
+    let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(format!("{schema}.mirror_users"))
+        .fetch_one(pool)
+        .await?;
+    Ok(found.is_some())
+}
+
+/// What the state schema knows about one account.
+#[derive(Debug, Clone, Default)]
+pub struct AccountState {
+    pub token_fingerprint: Option<String>,
+    pub auth_failed_at: Option<DateTime<Utc>>,
+    pub settings_hash: Option<String>,
+    pub settings_doc: Option<SettingsDoc>,
+}
+
+pub async fn load_account(pool: &PgPool, account_id: &str) -> Result<AccountState, sqlx::Error> {
+    let row: Option<(
+        Option<String>,
+        String,
+        Option<DateTime<Utc>>,
+        Option<String>,
+        Option<serde_json::Value>,
+    )> = sqlx::query_as(
+        "SELECT token_fingerprint, status, auth_failed_at, settings_hash, settings_doc
+         FROM accounts WHERE account_id = $1",
+    )
+    .bind(account_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(match row {
+        None => AccountState::default(),
+        Some((fp, status, failed_at, hash, doc)) => AccountState {
+            token_fingerprint: fp,
+            auth_failed_at: if status == "auth_failed" {
+                failed_at
+            } else {
+                None
+            },
+            settings_hash: hash,
+            settings_doc: doc.and_then(|d| serde_json::from_value(d).ok()),
+        },
+    })
+}
+
+/// Records the end of an account's cycle.
+pub async fn finish_account(
+    pool: &PgPool,
+    account_id: &str,
+    fingerprint: &str,
+    success: bool,
+    error: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO accounts (account_id, token_fingerprint, status, last_cycle_at, last_success_at, last_error)
+         VALUES ($1, $2, 'ok', now(), CASE WHEN $3 THEN now() END, $4)
+         ON CONFLICT (account_id) DO UPDATE SET
+            token_fingerprint = EXCLUDED.token_fingerprint,
+            status = 'ok', auth_failed_at = NULL,
+            last_cycle_at = now(),
+            last_success_at = COALESCE(EXCLUDED.last_success_at, accounts.last_success_at),
+            last_error = EXCLUDED.last_error",
+    )
+    .bind(account_id)
+    .bind(fingerprint)
+    .bind(success)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Marks an account whose token Wazzup refused.
+pub async fn mark_auth_failed(
+    pool: &PgPool,
+    account_id: &str,
+    fingerprint: &str,
+    status: u16,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO accounts (account_id, token_fingerprint, status, auth_failed_at, last_cycle_at, last_error)
+         VALUES ($1, $2, 'auth_failed', now(), now(), $3)
+         ON CONFLICT (account_id) DO UPDATE SET
+            token_fingerprint = EXCLUDED.token_fingerprint, status = 'auth_failed',
+            auth_failed_at = now(), last_cycle_at = now(), last_error = EXCLUDED.last_error",
+    )
+    .bind(account_id)
+    .bind(fingerprint)
+    .bind(format!("Wazzup refused the token (HTTP {status})"))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn save_settings(
+    pool: &PgPool,
+    account_id: &str,
+    doc: &SettingsDoc,
+    hash: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO accounts (account_id, settings_hash, settings_doc) VALUES ($1, $2, $3)
+         ON CONFLICT (account_id) DO UPDATE SET settings_hash = $2, settings_doc = $3",
+    )
+    .bind(account_id)
+    .bind(hash)
+    .bind(serde_json::to_value(doc).expect("settings serialize"))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The mirror of one account: user id → hash of the payload Wazzup acknowledged.
+pub async fn load_mirror(
+    pool: &PgPool,
+    account_id: &str,
+) -> Result<HashMap<String, String>, sqlx::Error> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT user_id, hash FROM mirror_users WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Records users Wazzup acknowledged, in one statement.
+pub async fn upsert_mirror(
+    pool: &PgPool,
+    account_id: &str,
+    ids: &[String],
+    hashes: &[String],
+) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO mirror_users (account_id, user_id, hash, synced_at)
+         SELECT $1, u.id, u.hash, now() FROM UNNEST($2::text[], $3::text[]) AS u(id, hash)
+         ON CONFLICT (account_id, user_id) DO UPDATE SET hash = EXCLUDED.hash, synced_at = now()",
+    )
+    .bind(account_id)
+    .bind(ids)
+    .bind(hashes)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Forgets users Wazzup acknowledged deleting.
+pub async fn delete_mirror(
+    pool: &PgPool,
+    account_id: &str,
+    ids: &[String],
+) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("DELETE FROM mirror_users WHERE account_id = $1 AND user_id = ANY($2)")
+        .bind(account_id)
+        .bind(ids)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// An open dead letter, as the planner needs it.
+#[derive(Debug, Clone)]
+pub struct OpenDeadLetter {
+    pub entity: String,
+    pub record_id: String,
+    pub kind: String,
+    pub error_code: String,
+    pub error_message: String,
+    pub payload_hash: Option<String>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+pub async fn open_dead_letters(
+    pool: &PgPool,
+    account_id: &str,
+) -> Result<Vec<OpenDeadLetter>, sqlx::Error> {
+    let rows: Vec<(
+        String,
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<DateTime<Utc>>,
+    )> = sqlx::query_as(
+        "SELECT entity, record_id, kind, error_code, error_message, payload_hash, next_attempt_at
+             FROM dead_letters WHERE account_id = $1 AND resolved_at IS NULL",
+    )
+    .bind(account_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(
+                entity,
+                record_id,
+                kind,
+                error_code,
+                error_message,
+                payload_hash,
+                next_attempt_at,
+            )| {
+                OpenDeadLetter {
+                    entity,
+                    record_id,
+                    kind,
+                    error_code,
+                    error_message,
+                    payload_hash,
+                    next_attempt_at,
+                }
+            },
+        )
+        .collect())
+}
+
+/// Writes local rejections (kind `invalid`), one open row per record, in one statement.
+pub async fn record_invalid(
+    pool: &PgPool,
+    account_id: &str,
+    rejections: &[&Rejection],
+) -> Result<(), sqlx::Error> {
+    if rejections.is_empty() {
+        return Ok(());
+    }
+    let entities: Vec<&str> = rejections.iter().map(|r| r.entity.as_str()).collect();
+    let ids: Vec<&str> = rejections.iter().map(|r| r.record_id.as_str()).collect();
+    let codes: Vec<&str> = rejections.iter().map(|r| r.code).collect();
+    let messages: Vec<&str> = rejections.iter().map(|r| r.message.as_str()).collect();
+    let payloads: Vec<serde_json::Value> = rejections.iter().map(|r| r.payload.clone()).collect();
+    let hashes: Vec<String> = rejections.iter().map(|r| invalid_hash(r)).collect();
+    sqlx::query(
+        "INSERT INTO dead_letters (account_id, entity, record_id, kind, error_code, error_message, payload, payload_hash)
+         SELECT $1, r.entity, r.record_id, 'invalid', r.code, r.message, r.payload, r.hash
+         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
+              AS r(entity, record_id, code, message, payload, hash)
+         ON CONFLICT (account_id, entity, record_id) WHERE resolved_at IS NULL DO UPDATE SET
+            kind = 'invalid', error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message,
+            http_status = NULL, payload = EXCLUDED.payload, payload_hash = EXCLUDED.payload_hash,
+            attempts = dead_letters.attempts + 1, last_failed_at = now(), next_attempt_at = NULL",
+    )
+    .bind(account_id)
+    .bind(entities)
+    .bind(ids)
+    .bind(codes)
+    .bind(messages)
+    .bind(payloads)
+    .bind(hashes)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A stable hash of a local rejection: its row and its reason; unchanged ones are not rewritten.
+pub fn invalid_hash(r: &Rejection) -> String {
+    crate::domain::content_hash(format!("{}|{}|{}", r.code, r.message, r.payload).as_bytes())
+}
+
+/// A record Wazzup refused.
+#[derive(Debug, Clone)]
+pub struct RemoteRejection {
+    pub entity: Entity,
+    pub record_id: String,
+    pub code: String,
+    pub message: String,
+    pub http_status: Option<u16>,
+    pub payload: serde_json::Value,
+    pub payload_hash: String,
+}
+
+/// Writes remote rejections (kind `rejected`) and schedules their next attempt:
+/// 1 min, 5 min, 30 min, 2 h, then daily; a changed payload restarts the schedule.
+pub async fn record_rejected(
+    pool: &PgPool,
+    account_id: &str,
+    rejections: &[RemoteRejection],
+) -> Result<(), sqlx::Error> {
+    if rejections.is_empty() {
+        return Ok(());
+    }
+    let entities: Vec<&str> = rejections.iter().map(|r| r.entity.as_str()).collect();
+    let ids: Vec<&str> = rejections.iter().map(|r| r.record_id.as_str()).collect();
+    let codes: Vec<&str> = rejections.iter().map(|r| r.code.as_str()).collect();
+    let messages: Vec<&str> = rejections.iter().map(|r| r.message.as_str()).collect();
+    let statuses: Vec<Option<i32>> = rejections
+        .iter()
+        .map(|r| r.http_status.map(i32::from))
+        .collect();
+    let payloads: Vec<serde_json::Value> = rejections.iter().map(|r| r.payload.clone()).collect();
+    let hashes: Vec<&str> = rejections.iter().map(|r| r.payload_hash.as_str()).collect();
+    sqlx::query(
+        "WITH r AS (
+            SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::jsonb[], $8::text[])
+                AS r(entity, record_id, code, message, status, payload, hash)
+         )
+         INSERT INTO dead_letters AS d (account_id, entity, record_id, kind, error_code, error_message,
+                                        http_status, payload, payload_hash, next_attempt_at)
+         SELECT $1, r.entity, r.record_id, 'rejected', r.code, r.message, r.status, r.payload, r.hash,
+                now() + interval '1 minute'
+         FROM r
+         ON CONFLICT (account_id, entity, record_id) WHERE resolved_at IS NULL DO UPDATE SET
+            attempts = CASE WHEN d.kind = 'rejected' AND d.payload_hash = EXCLUDED.payload_hash
+                            THEN d.attempts + 1 ELSE 1 END,
+            kind = 'rejected', error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message,
+            http_status = EXCLUDED.http_status, payload = EXCLUDED.payload,
+            payload_hash = EXCLUDED.payload_hash, last_failed_at = now(),
+            next_attempt_at = now() + CASE
+                WHEN d.kind <> 'rejected' OR d.payload_hash IS DISTINCT FROM EXCLUDED.payload_hash
+                    THEN interval '1 minute'
+                WHEN d.attempts = 1 THEN interval '5 minutes'
+                WHEN d.attempts = 2 THEN interval '30 minutes'
+                WHEN d.attempts = 3 THEN interval '2 hours'
+                ELSE interval '1 day' END",
+    )
+    .bind(account_id)
+    .bind(entities)
+    .bind(ids)
+    .bind(codes)
+    .bind(messages)
+    .bind(statuses)
+    .bind(payloads)
+    .bind(hashes)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Closes open dead letters: the record synced, was fixed, or left the CRM.
+pub async fn resolve(
+    pool: &PgPool,
+    account_id: &str,
+    entity: Entity,
+    record_ids: &[String],
+    resolution: &str,
+) -> Result<u64, sqlx::Error> {
+    if record_ids.is_empty() {
+        return Ok(0);
+    }
+    let done = sqlx::query(
+        "UPDATE dead_letters SET resolved_at = now(), resolution = $4
+         WHERE account_id = $1 AND entity = $2 AND record_id = ANY($3) AND resolved_at IS NULL",
+    )
+    .bind(account_id)
+    .bind(entity.as_str())
+    .bind(record_ids)
+    .bind(resolution)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Takes the per-account advisory lock on this session, if no other process holds it.
+pub async fn try_lock_account(
+    conn: &mut PgConnection,
+    schema: &str,
+    account_id: &str,
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, 0))")
+        .bind(format!("wazzup-sync:{schema}:{account_id}"))
+        .fetch_one(conn)
+        .await
+}
+
+pub async fn unlock_account(
+    conn: &mut PgConnection,
+    schema: &str,
+    account_id: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+        .bind(format!("wazzup-sync:{schema}:{account_id}"))
+        .execute(conn)
+        .await?;
+    Ok(())
+}
