@@ -214,8 +214,8 @@ pub fn normalize_phone(raw: &str, region: Option<Region>) -> Phone {
     };
     let as_international = if international {
         parse(None, trimmed)
-    } else if trimmed.starts_with("00") {
-        parse(None, &format!("+{}", &trimmed[2..]))
+    } else if let Some(rest) = trimmed.strip_prefix("00") {
+        parse(None, &format!("+{rest}"))
     } else {
         parse(None, &format!("+{trimmed}"))
     };
@@ -362,6 +362,7 @@ pub fn normalize_account(
         }
     }
 
+    let mut reported_dups: HashSet<&str> = HashSet::new();
     let mut candidates: Vec<ValidUser> = Vec::with_capacity(users.len());
     for u in users {
         let payload = user_row_payload(u);
@@ -381,13 +382,25 @@ pub fn normalize_account(
         if let Some(id) = &u.id
             && id_rows.get(id.as_str()).copied().unwrap_or(0) > 1
         {
-            reject(
-                "duplicate_id",
-                format!(
-                    "The user id appears on {} rows of this account; fix the view so each id is on one row",
-                    id_rows[id.as_str()]
-                ),
-            );
+            // One dead letter for all the rows of the id, holding every row.
+            if reported_dups.insert(id.as_str()) {
+                let rows: Vec<serde_json::Value> = users
+                    .iter()
+                    .filter(|other| other.id.as_deref() == Some(id.as_str()))
+                    .map(user_row_payload)
+                    .collect();
+                out.rejected_user_ids.insert(id.clone());
+                out.rejected.push(Rejection {
+                    entity: Entity::User,
+                    record_id: record_id.clone(),
+                    code: "duplicate_id",
+                    message: format!(
+                        "The user id appears on {} rows of this account; none of them is sent until the view returns it once",
+                        rows.len()
+                    ),
+                    payload: serde_json::Value::Array(rows),
+                });
+            }
             continue;
         }
         let (id, name) = match check_user(u) {
@@ -537,17 +550,13 @@ pub fn normalize_account(
             continue;
         }
         let n = entries.len();
-        for (_, payload) in entries.drain(..) {
-            out.rejected.push(Rejection {
-                entity: Entity::Role,
-                record_id: format!("{}/{}", clip(&user_id), clip(&channel_id)),
-                code: "duplicate_role",
-                message: format!(
-                    "The user has {n} conflicting role rows for this channel; keep one"
-                ),
-                payload,
-            });
-        }
+        out.rejected.push(Rejection {
+            entity: Entity::Role,
+            record_id: format!("{}/{}", clip(&user_id), clip(&channel_id)),
+            code: "duplicate_role",
+            message: format!("The user has {n} conflicting role rows for this channel; keep one"),
+            payload: serde_json::Value::Array(entries.drain(..).map(|(_, p)| p).collect()),
+        });
     }
     out.roles.sort();
     out
@@ -673,12 +682,16 @@ mod tests {
             &ru(),
         );
         assert_eq!(n.users.len(), 1);
+        let dups: Vec<_> = n
+            .rejected
+            .iter()
+            .filter(|r| r.code == "duplicate_id")
+            .collect();
+        assert_eq!(dups.len(), 1, "one dead letter for the id");
         assert_eq!(
-            n.rejected
-                .iter()
-                .filter(|r| r.code == "duplicate_id")
-                .count(),
-            2
+            dups[0].payload.as_array().unwrap().len(),
+            2,
+            "holding both rows"
         );
         assert!(n.rejected_user_ids.contains("1"));
         assert_eq!(n.rejected.last().unwrap().code, "user_rejected");
@@ -721,8 +734,8 @@ mod tests {
         );
         assert_eq!(n.roles.len(), 1);
         assert_eq!(n.roles[0].channel_id, "c2");
-        assert_eq!(n.rejected.len(), 2);
-        assert!(n.rejected.iter().all(|r| r.code == "duplicate_role"));
+        assert_eq!(n.rejected.len(), 1);
+        assert_eq!(n.rejected[0].code, "duplicate_role");
     }
 
     #[test]

@@ -59,14 +59,17 @@ pub struct AccountState {
     pub settings_doc: Option<SettingsDoc>,
 }
 
+#[derive(sqlx::FromRow)]
+struct AccountRow {
+    token_fingerprint: Option<String>,
+    status: String,
+    auth_failed_at: Option<DateTime<Utc>>,
+    settings_hash: Option<String>,
+    settings_doc: Option<serde_json::Value>,
+}
+
 pub async fn load_account(pool: &PgPool, account_id: &str) -> Result<AccountState, sqlx::Error> {
-    let row: Option<(
-        Option<String>,
-        String,
-        Option<DateTime<Utc>>,
-        Option<String>,
-        Option<serde_json::Value>,
-    )> = sqlx::query_as(
+    let row: Option<AccountRow> = sqlx::query_as(
         "SELECT token_fingerprint, status, auth_failed_at, settings_hash, settings_doc
          FROM accounts WHERE account_id = $1",
     )
@@ -75,15 +78,15 @@ pub async fn load_account(pool: &PgPool, account_id: &str) -> Result<AccountStat
     .await?;
     Ok(match row {
         None => AccountState::default(),
-        Some((fp, status, failed_at, hash, doc)) => AccountState {
-            token_fingerprint: fp,
-            auth_failed_at: if status == "auth_failed" {
-                failed_at
+        Some(r) => AccountState {
+            token_fingerprint: r.token_fingerprint,
+            auth_failed_at: if r.status == "auth_failed" {
+                r.auth_failed_at
             } else {
                 None
             },
-            settings_hash: hash,
-            settings_doc: doc.and_then(|d| serde_json::from_value(d).ok()),
+            settings_hash: r.settings_hash,
+            settings_doc: r.settings_doc.and_then(|d| serde_json::from_value(d).ok()),
         },
     })
 }
@@ -209,7 +212,7 @@ pub async fn delete_mirror(
 }
 
 /// An open dead letter, as the planner needs it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OpenDeadLetter {
     pub entity: String,
     pub record_id: String,
@@ -224,45 +227,13 @@ pub async fn open_dead_letters(
     pool: &PgPool,
     account_id: &str,
 ) -> Result<Vec<OpenDeadLetter>, sqlx::Error> {
-    let rows: Vec<(
-        String,
-        String,
-        String,
-        String,
-        String,
-        Option<String>,
-        Option<DateTime<Utc>>,
-    )> = sqlx::query_as(
+    sqlx::query_as(
         "SELECT entity, record_id, kind, error_code, error_message, payload_hash, next_attempt_at
-             FROM dead_letters WHERE account_id = $1 AND resolved_at IS NULL",
+         FROM dead_letters WHERE account_id = $1 AND resolved_at IS NULL",
     )
     .bind(account_id)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                entity,
-                record_id,
-                kind,
-                error_code,
-                error_message,
-                payload_hash,
-                next_attempt_at,
-            )| {
-                OpenDeadLetter {
-                    entity,
-                    record_id,
-                    kind,
-                    error_code,
-                    error_message,
-                    payload_hash,
-                    next_attempt_at,
-                }
-            },
-        )
-        .collect())
+    .await
 }
 
 /// Writes local rejections (kind `invalid`), one open row per record, in one statement.

@@ -418,9 +418,12 @@ impl Engine {
                 )
             })
             .collect();
+        let mut seen = HashSet::new();
         let fresh: Vec<_> = norm
             .rejected
             .iter()
+            // One row per record even when a record is refused for two reasons.
+            .filter(|r| seen.insert((r.entity.as_str(), r.record_id.as_str())))
             .filter(|r| {
                 open_invalid.get(&(r.entity.as_str(), r.record_id.as_str()))
                     != Some(&Some(state::invalid_hash(r).as_str()))

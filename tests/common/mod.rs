@@ -1,0 +1,269 @@
+//! Test support: a fresh PostgreSQL database per test, a CRM with the three contract tables,
+//! settings pointing at the simulator, and the real binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::process::Output;
+
+use sqlx::postgres::PgPool;
+use sqlx::{AssertSqlSafe, Executor};
+use tokio::sync::OnceCell;
+use wazzup_sync::config::Settings;
+use wazzup_sync::simulator::Simulator;
+use wazzup_sync::sync::{CycleOptions, CycleReport};
+
+static BASE_URL: OnceCell<String> = OnceCell::const_new();
+
+/// `DATABASE_URL` when set; otherwise a PostgreSQL container started once per test binary.
+async fn base_url() -> String {
+    BASE_URL
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("DATABASE_URL") {
+                return url;
+            }
+            use testcontainers_modules::postgres::Postgres;
+            use testcontainers_modules::testcontainers::runners::AsyncRunner;
+            let container = Postgres::default()
+                .start()
+                .await
+                .expect("DATABASE_URL is not set and a PostgreSQL container could not start");
+            let port = container.get_host_port_ipv4(5432).await.unwrap();
+            // Kept for the life of the test process.
+            Box::leak(Box::new(container));
+            format!("postgres://postgres:postgres@127.0.0.1:{port}/postgres")
+        })
+        .await
+        .clone()
+}
+
+/// A database of its own for one test, dropped when the test ends.
+pub struct TestDb {
+    pub url: String,
+    pub pool: PgPool,
+    name: String,
+    admin: String,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let admin = base_url().await;
+        let name = format!("wzs_test_{}", uuid::Uuid::new_v4().simple());
+        let admin_pool = PgPool::connect(&admin)
+            .await
+            .expect("connect to PostgreSQL");
+        admin_pool
+            .execute(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .unwrap();
+        admin_pool.close().await;
+        let mut url = url::Url::parse(&admin).unwrap();
+        url.set_path(&format!("/{name}"));
+        let url = url.to_string();
+        let pool = PgPool::connect(&url).await.unwrap();
+        Self {
+            url,
+            pool,
+            name,
+            admin,
+        }
+    }
+
+    /// A database holding the three contract tables (as tables, which the default queries read).
+    pub async fn with_crm() -> Self {
+        let db = Self::new().await;
+        db.pool
+            .execute(
+                "CREATE TABLE wazzup_accounts (account_id text, token text,
+                    push_input_output_message_events_for_managers boolean);
+                 CREATE TABLE wazzup_users (account_id text, id text, name text, phone text, hide_phone boolean);
+                 CREATE TABLE wazzup_user_roles (account_id text, user_id text, channel_id text, role text,
+                    allow_get_new_clients boolean);",
+            )
+            .await
+            .unwrap();
+        db
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.pool
+            .execute(AssertSqlSafe(sql.to_string()))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub async fn add_account(&self, id: &str, token: &str) {
+        sqlx::query("INSERT INTO wazzup_accounts VALUES ($1, $2, false)")
+            .bind(id)
+            .bind(token)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    pub async fn add_user(&self, account: &str, id: &str, name: &str, phone: Option<&str>) {
+        sqlx::query("INSERT INTO wazzup_users VALUES ($1, $2, $3, $4, false)")
+            .bind(account)
+            .bind(id)
+            .bind(name)
+            .bind(phone)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    pub async fn add_role(
+        &self,
+        account: &str,
+        user: &str,
+        channel: &str,
+        role: &str,
+        new_clients: bool,
+    ) {
+        sqlx::query("INSERT INTO wazzup_user_roles VALUES ($1, $2, $3, $4, $5)")
+            .bind(account)
+            .bind(user)
+            .bind(channel)
+            .bind(role)
+            .bind(new_clients)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    /// `n` users `u1..un` with distinct phones and a seller role each on channel `ch-1`.
+    pub async fn add_users(&self, account: &str, n: usize) {
+        sqlx::query(
+            "INSERT INTO wazzup_users
+             SELECT $1, 'u' || g, 'User ' || g, '+371 2' || lpad(g::text, 7, '0'), false
+             FROM generate_series(1, $2) g",
+        )
+        .bind(account)
+        .bind(n as i32)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO wazzup_user_roles SELECT $1, 'u' || g, 'ch-1', 'seller', g % 2 = 0
+             FROM generate_series(1, $2) g",
+        )
+        .bind(account)
+        .bind(n as i32)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
+    /// Open dead letters as (entity, record_id, kind, error_code).
+    pub async fn open_dead_letters(&self) -> Vec<DeadLetter> {
+        sqlx::query_as(
+            "SELECT account_id, entity, record_id, kind, error_code, error_message, http_status, attempts,
+                    payload::text AS payload
+             FROM wazzup_sync.dead_letters WHERE resolved_at IS NULL ORDER BY account_id, entity, record_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default()
+    }
+
+    pub async fn mirror_count(&self, account: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM wazzup_sync.mirror_users WHERE account_id = $1")
+            .bind(account)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let admin = self.admin.clone();
+        let name = self.name.clone();
+        // Dropping needs async I/O; do it on a thread of its own so any runtime state is fine.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(p) = PgPool::connect(&admin).await {
+                    let _ = p
+                        .execute(AssertSqlSafe(format!(
+                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                        )))
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DeadLetter {
+    pub account_id: String,
+    pub entity: String,
+    pub record_id: String,
+    pub kind: String,
+    pub error_code: String,
+    pub error_message: String,
+    pub http_status: Option<i32>,
+    pub attempts: i32,
+    pub payload: Option<String>,
+}
+
+/// The environment the daemon gets in a test: this database, this simulator, fast retries.
+pub fn env_for(db: &TestDb, sim: &Simulator, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut vars: BTreeMap<String, String> = [
+        ("WAZZUP_SYNC__SOURCE__URL", db.url.as_str()),
+        ("WAZZUP_SYNC__WAZZUP__BASE_URL", sim.url().as_str()),
+        ("WAZZUP_SYNC__WAZZUP__RETRY_INITIAL_BACKOFF_MS", "10"),
+        ("WAZZUP_SYNC__WAZZUP__RETRY_MAX_BACKOFF_MS", "50"),
+        ("WAZZUP_SYNC__WAZZUP__REQUEST_TIMEOUT_SECS", "5"),
+        ("WAZZUP_SYNC__SOURCE__DEFAULT_PHONE_REGION", "LV"),
+        ("WAZZUP_SYNC__LOG__FORMAT", "json"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    for (k, v) in extra {
+        vars.insert(k.to_string(), v.to_string());
+    }
+    vars.into_iter().collect()
+}
+
+pub fn settings(db: &TestDb, sim: &Simulator, extra: &[(&str, &str)]) -> Settings {
+    Settings::load_from(None, env_for(db, sim, extra)).expect("test settings")
+}
+
+/// One cycle through the library.
+pub async fn sync(db: &TestDb, sim: &Simulator, extra: &[(&str, &str)]) -> CycleReport {
+    wazzup_sync::app::sync_once(settings(db, sim, extra), CycleOptions::default())
+        .await
+        .expect("cycle runs")
+}
+
+/// Runs the real binary with exactly these WAZZUP_SYNC variables.
+pub async fn run_bin(args: &[&str], env: &[(String, String)]) -> Output {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wazzup-sync"));
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("WAZZUP_SYNC") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().cloned());
+    cmd.kill_on_drop(true);
+    cmd.output().await.expect("run wazzup-sync")
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub async fn simulator() -> Simulator {
+    Simulator::start("127.0.0.1:0", false).await.unwrap()
+}
