@@ -181,6 +181,20 @@ pub async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
         }
     }
 
+    let health = crate::ops::Health::new(&settings, engine.source.clone(), engine.state.clone());
+    if settings.http.enabled {
+        let metrics = crate::ops::install_metrics();
+        let addr = crate::ops::serve(&settings.http.listen, health.clone(), metrics)
+            .await
+            .with_context(|| {
+                format!(
+                    "Failed to listen on {} (WAZZUP_SYNC__HTTP__LISTEN)",
+                    settings.http.listen
+                )
+            })?;
+        tracing::info!(address = %addr, "Serving /healthz, /readyz and /metrics");
+    }
+
     let (tick_tx, mut tick_rx) = mpsc::channel::<()>(1);
     let scheduler = JobScheduler::new().await?;
     let tx = tick_tx.clone();
@@ -211,7 +225,12 @@ pub async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
                 let cycle = engine.run_cycle(&cycle_opts);
                 tokio::pin!(cycle);
                 tokio::select! {
-                    r = &mut cycle => log_cycle_error(r),
+                    r = &mut cycle => {
+                        if r.is_ok() {
+                            health.cycle_finished();
+                        }
+                        log_cycle_error(r);
+                    }
                     _ = &mut signal => {
                         tracing::info!(grace_secs = grace.as_secs(), "Stopping: finishing the requests in flight");
                         let _ = stop_tx.send(true);

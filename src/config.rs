@@ -30,7 +30,16 @@ pub struct Settings {
     pub state: StateSettings,
     pub wazzup: WazzupSettings,
     pub sync: SyncSettings,
+    pub http: HttpSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub enabled: bool,
+    pub listen: String,
+    pub ready_max_periods: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -202,6 +211,10 @@ impl Settings {
             return Err(bad("SYNC__MASS_DELETE_MAX_PERCENT", "must be 0..100"));
         }
         validate_cron(&s.sync.schedule).map_err(|e| bad("SYNC__SCHEDULE", &e))?;
+        s.http
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|_| bad("HTTP__LISTEN", "must be an address such as 0.0.0.0:9090"))?;
         if !matches!(s.log.format.as_str(), "json" | "pretty" | "auto") {
             return Err(bad("LOG__FORMAT", "must be json, pretty or auto"));
         }
@@ -325,6 +338,15 @@ fn is_loopback(url: &reqwest::Url) -> bool {
     }
 }
 
+/// The time between two runs of a cron schedule (the next two occurrences from now).
+pub fn cron_period(expr: &str) -> Option<std::time::Duration> {
+    let cron = croner::Cron::from_str(expr).ok()?;
+    let now = chrono::Utc::now();
+    let a = cron.find_next_occurrence(&now, false).ok()?;
+    let b = cron.find_next_occurrence(&a, false).ok()?;
+    (b - a).to_std().ok()
+}
+
 /// Checks a six-field cron expression (with seconds).
 pub fn validate_cron(expr: &str) -> Result<(), String> {
     if expr.split_whitespace().count() != 6 {
@@ -381,6 +403,18 @@ mod tests {
         .unwrap_err();
         assert!(e.0.contains("WAZZUP_SYNC__SYNC__DELETE_MISSING"), "{e}");
         assert!(!e.0.contains("sometimes"), "{e}");
+    }
+
+    #[test]
+    fn the_period_of_a_schedule_is_known() {
+        assert_eq!(
+            cron_period("*/30 * * * * *"),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(
+            cron_period("0 0 3 * * *"),
+            Some(std::time::Duration::from_secs(86400))
+        );
     }
 
     #[test]

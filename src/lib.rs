@@ -6,8 +6,10 @@
 
 pub mod app;
 pub mod config;
+pub mod dead_letters;
 pub mod demo;
 pub mod domain;
+pub mod ops;
 pub mod plan;
 pub mod simulator;
 pub mod source;

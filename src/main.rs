@@ -3,8 +3,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use wazzup_sync::config::Settings;
+use wazzup_sync::dead_letters::{self, Selection};
 use wazzup_sync::sync::CycleOptions;
-use wazzup_sync::{app, demo, simulator, telemetry};
+use wazzup_sync::{app, demo, ops, simulator, state, telemetry};
 
 /// Keeps Wazzup users and role settings in step with a CRM's PostgreSQL database.
 #[derive(Parser)]
@@ -36,6 +37,11 @@ enum Command {
     Migrate,
     /// Check settings, both databases, the queries' columns and every account's token.
     Check,
+    /// Exit 0 when the running daemon's /readyz answers ready (for HEALTHCHECK).
+    Healthcheck,
+    /// List, retry or discard the records that were refused.
+    #[command(name = "dead-letters", subcommand)]
+    DeadLetters(DeadLetterCommand),
     /// Run the Wazzup simulator (loopback only), for trying the daemon without Wazzup.
     Simulate {
         #[arg(long, default_value = "127.0.0.1:8089")]
@@ -63,6 +69,41 @@ enum Command {
         /// Keep the demo database afterwards.
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Show open dead letters: what was refused, why, and what to fix.
+    List {
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+        /// Include resolved ones.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Send refused records again at the next cycle (or now, with --now).
+    Retry {
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        id: Option<i64>,
+        #[arg(long)]
+        all: bool,
+        /// Run a cycle for the affected accounts at once.
+        #[arg(long)]
+        now: bool,
+    },
+    /// Close dead letters by hand; a refused record is not sent again until it changes in the CRM.
+    Discard {
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        id: Option<i64>,
+        #[arg(long)]
+        all: bool,
     },
 }
 
@@ -151,6 +192,12 @@ async fn try_main(cli: Cli) -> ExitCode {
                         app::migrate(&settings).await?;
                         Ok(ExitCode::SUCCESS)
                     }
+                    Command::Healthcheck => Ok(if ops::healthcheck(&settings).await? {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(1)
+                    }),
+                    Command::DeadLetters(cmd) => dead_letter_command(settings, cmd).await,
                     Command::Check => Ok(if app::check(settings).await? {
                         ExitCode::SUCCESS
                     } else {
@@ -169,4 +216,58 @@ async fn try_main(cli: Cli) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+async fn dead_letter_command(
+    settings: Settings,
+    cmd: DeadLetterCommand,
+) -> anyhow::Result<ExitCode> {
+    let pool = state::connect(&settings)?;
+    if !state::is_migrated(&pool, &settings.state.schema).await? {
+        println!("No state schema yet: nothing has been synced.");
+        return Ok(ExitCode::SUCCESS);
+    }
+    match cmd {
+        DeadLetterCommand::List {
+            account,
+            format,
+            all,
+        } => {
+            let rows = dead_letters::list(&pool, &Selection { account, id: None }, all).await?;
+            if format == "json" {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                dead_letters::print_table(&rows, &mut std::io::stdout())?;
+            }
+        }
+        DeadLetterCommand::Retry {
+            account,
+            id,
+            all: _,
+            now,
+        } => {
+            let accounts = dead_letters::retry(&pool, &Selection { account, id }).await?;
+            println!(
+                "Marked dead letters of {} account(s) due for the next cycle.",
+                accounts.len()
+            );
+            if now && !accounts.is_empty() {
+                let opts = CycleOptions {
+                    only_accounts: Some(accounts.into_iter().collect()),
+                    ..Default::default()
+                };
+                let report = app::sync_once(settings, opts).await?;
+                return Ok(ExitCode::from(app::exit_code(&report) as u8));
+            }
+        }
+        DeadLetterCommand::Discard {
+            account,
+            id,
+            all: _,
+        } => {
+            let n = dead_letters::discard(&pool, &Selection { account, id }).await?;
+            println!("Discarded {n} dead letter(s).");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }

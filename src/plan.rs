@@ -40,9 +40,10 @@ fn waiting_set<'a>(
     entity: &str,
     now: DateTime<Utc>,
 ) -> HashMap<&'a str, Option<&'a str>> {
+    // Refused and not yet due, or discarded by an operator: skipped while the payload is the same.
     open.iter()
         .filter(|d| d.entity == entity && d.kind == "rejected")
-        .filter(|d| d.next_attempt_at.is_some_and(|t| t > now))
+        .filter(|d| !d.is_open() || d.next_attempt_at.is_some_and(|t| t > now))
         .map(|d| (d.record_id.as_str(), d.payload_hash.as_deref()))
         .collect()
 }
@@ -254,6 +255,7 @@ mod tests {
             error_message: String::new(),
             payload_hash: Some(hash.into()),
             next_attempt_at: Some(Utc::now() + chrono::Duration::seconds(due_in)),
+            resolution: None,
         };
         let p = plan_users(
             &n,

@@ -211,7 +211,7 @@ pub async fn delete_mirror(
     Ok(())
 }
 
-/// An open dead letter, as the planner needs it.
+/// An open dead letter (or one an operator discarded), as the planner needs it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OpenDeadLetter {
     pub entity: String,
@@ -221,6 +221,14 @@ pub struct OpenDeadLetter {
     pub error_message: String,
     pub payload_hash: Option<String>,
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// `discarded` for rows an operator closed by hand; None for open rows.
+    pub resolution: Option<String>,
+}
+
+impl OpenDeadLetter {
+    pub fn is_open(&self) -> bool {
+        self.resolution.is_none()
+    }
 }
 
 pub async fn open_dead_letters(
@@ -228,11 +236,21 @@ pub async fn open_dead_letters(
     account_id: &str,
 ) -> Result<Vec<OpenDeadLetter>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT entity, record_id, kind, error_code, error_message, payload_hash, next_attempt_at
-         FROM dead_letters WHERE account_id = $1 AND resolved_at IS NULL",
+        "SELECT entity, record_id, kind, error_code, error_message, payload_hash, next_attempt_at, resolution
+         FROM dead_letters
+         WHERE account_id = $1 AND (resolved_at IS NULL OR resolution = 'discarded')",
     )
     .bind(account_id)
     .fetch_all(pool)
+    .await
+}
+
+pub async fn count_open_dead_letters(pool: &PgPool, account_id: &str) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM dead_letters WHERE account_id = $1 AND resolved_at IS NULL",
+    )
+    .bind(account_id)
+    .fetch_one(pool)
     .await
 }
 

@@ -513,7 +513,7 @@ impl Engine {
         let mut synced_ids = Vec::new();
         let mut gone_ids = Vec::new();
         let mut fixed_roles = Vec::new();
-        for d in &open {
+        for d in open.iter().filter(|d| d.is_open()) {
             if rejected_now.contains(&(d.entity.as_str(), d.record_id.as_str())) {
                 continue;
             }
@@ -603,7 +603,9 @@ impl Engine {
         // A delete dead letter is moot once its user is back in the CRM.
         let returned: Vec<String> = open
             .iter()
-            .filter(|d| d.entity == "delete" && crm_ids.contains(d.record_id.as_str()))
+            .filter(|d| {
+                d.is_open() && d.entity == "delete" && crm_ids.contains(d.record_id.as_str())
+            })
             .map(|d| d.record_id.clone())
             .collect();
         state::resolve(&self.state, id, Entity::Delete, &returned, "returned").await?;
@@ -623,6 +625,9 @@ impl Engine {
             AccountOutcome::Incomplete(why) => Some(why.as_str()),
             _ => None,
         };
+        let open_now = state::count_open_dead_letters(&self.state, id).await?;
+        metrics::gauge!("wazzup_sync_open_dead_letters", "account_id" => id.to_string())
+            .set(open_now as f64);
         state::finish_account(
             &self.state,
             id,
@@ -1063,6 +1068,21 @@ fn log_cycle(c: &CycleReport, dry_run: bool) {
         "Cycle finished"
     );
     if !dry_run {
+        let auth_failed = c
+            .accounts
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a.outcome,
+                    AccountOutcome::AuthFailed(_) | AccountOutcome::Skipped(_)
+                )
+            })
+            .count();
+        metrics::gauge!("wazzup_sync_accounts_auth_failed").set(auth_failed as f64);
+        if failed == 0 {
+            metrics::gauge!("wazzup_sync_last_success_timestamp_seconds")
+                .set(chrono::Utc::now().timestamp() as f64);
+        }
         metrics::counter!("wazzup_sync_cycles_total", "result" => if failed == 0 { "ok" } else { "partial" }).increment(1);
         metrics::histogram!("wazzup_sync_cycle_duration_seconds")
             .record(c.duration_ms as f64 / 1000.0);

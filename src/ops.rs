@@ -1,0 +1,170 @@
+//! The operator's HTTP surface: `/healthz`, `/readyz`, `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use sqlx::PgPool;
+
+use crate::config::Settings;
+
+/// What `/readyz` looks at.
+pub struct Health {
+    source: PgPool,
+    state: PgPool,
+    /// Unix seconds of the last cycle that ran to its end; 0 before the first.
+    last_cycle: AtomicI64,
+    started: i64,
+    max_age: Duration,
+}
+
+impl Health {
+    pub fn new(settings: &Settings, source: PgPool, state: PgPool) -> Arc<Self> {
+        let period =
+            crate::config::cron_period(&settings.sync.schedule).unwrap_or(Duration::from_secs(30));
+        Arc::new(Self {
+            source,
+            state,
+            last_cycle: AtomicI64::new(0),
+            started: chrono::Utc::now().timestamp(),
+            max_age: period * settings.http.ready_max_periods.max(1) + Duration::from_secs(60),
+        })
+    }
+
+    /// Called when a cycle ran to its end (some accounts may still have failed).
+    pub fn cycle_finished(&self) {
+        let now = chrono::Utc::now().timestamp();
+        self.last_cycle.store(now, Ordering::Relaxed);
+        metrics::gauge!("wazzup_sync_last_cycle_timestamp_seconds").set(now as f64);
+    }
+
+    /// None when ready; otherwise why not.
+    pub async fn not_ready(&self) -> Option<String> {
+        for (name, pool) in [("CRM", &self.source), ("state", &self.state)] {
+            let ping = tokio::time::timeout(
+                Duration::from_secs(3),
+                sqlx::query("SELECT 1").execute(pool),
+            )
+            .await;
+            if !matches!(ping, Ok(Ok(_))) {
+                return Some(format!("the {name} database does not answer"));
+            }
+        }
+        let last = self.last_cycle.load(Ordering::Relaxed);
+        let since = if last == 0 { self.started } else { last };
+        let age = chrono::Utc::now().timestamp() - since;
+        if age > self.max_age.as_secs() as i64 {
+            return Some(if last == 0 {
+                format!("no cycle has finished in the {age} s since start")
+            } else {
+                format!("the last cycle finished {age} s ago")
+            });
+        }
+        None
+    }
+}
+
+/// Installs the Prometheus recorder once per process.
+pub fn install_metrics() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full(
+                        "wazzup_sync_cycle_duration_seconds".into(),
+                    ),
+                    &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0],
+                )
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .clone()
+}
+
+#[derive(Clone)]
+struct Ctx {
+    health: Arc<Health>,
+    metrics: Option<PrometheusHandle>,
+}
+
+/// Serves the listener until the process ends. Returns the bound address.
+pub async fn serve(
+    listen: &str,
+    health: Arc<Health>,
+    metrics: Option<PrometheusHandle>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .with_state(Ctx { health, metrics });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(addr)
+}
+
+async fn readyz(State(ctx): State<Ctx>) -> impl IntoResponse {
+    match ctx.health.not_ready().await {
+        None => (StatusCode::OK, "ready\n".to_string()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+async fn render_metrics(State(ctx): State<Ctx>) -> impl IntoResponse {
+    match ctx.metrics {
+        Some(h) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4")],
+            h.render(),
+        ),
+        None => (
+            StatusCode::NOT_FOUND,
+            [("content-type", "text/plain")],
+            "metrics recorder not installed\n".into(),
+        ),
+    }
+}
+
+/// `healthcheck`: asks the local listener's `/readyz`. Ok(true) when ready.
+pub async fn healthcheck(settings: &Settings) -> anyhow::Result<bool> {
+    let addr: SocketAddr = settings.http.listen.parse()?;
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    let url = format!(
+        "http://{}/readyz",
+        SocketAddr::new(host.parse()?, addr.port())
+    );
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    match client.get(&url).send().await {
+        Ok(r) => {
+            let ok = r.status().is_success();
+            let body = r.text().await.unwrap_or_default();
+            println!("{}", body.trim());
+            Ok(ok)
+        }
+        Err(_) => {
+            println!("not ready: nothing answers on {url}");
+            Ok(false)
+        }
+    }
+}

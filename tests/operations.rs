@@ -1,0 +1,238 @@
+//! Operating the daemon: health and metrics endpoints, signals, dead letters by hand.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use wazzup_sync::domain::UserPayload;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn get(url: &str) -> Option<(u16, String)> {
+    let r = reqwest::get(url).await.ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.unwrap_or_default()))
+}
+
+#[tokio::test]
+async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.add_users("a1", 3).await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = env_for(
+        &db,
+        &sim,
+        &[
+            ("WAZZUP_SYNC__HTTP__LISTEN", &listen),
+            ("WAZZUP_SYNC__SYNC__SCHEDULE", "*/1 * * * * *"),
+        ],
+    );
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wazzup-sync"));
+    cmd.arg("run")
+        .envs(env.iter().cloned())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap();
+    let pid = child.id().unwrap();
+
+    let base = format!("http://{listen}");
+    let mut ready = None;
+    for _ in 0..100 {
+        if let Some((200, body)) = get(&format!("{base}/readyz")).await {
+            ready = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready.as_deref(), Some("ready\n"));
+    assert_eq!(get(&format!("{base}/healthz")).await.unwrap().0, 200);
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        let (status, body) = get(&format!("{base}/metrics")).await.unwrap();
+        assert_eq!(status, 200);
+        metrics = body;
+        if metrics.contains("wazzup_sync_cycles_total") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for name in [
+        "wazzup_sync_cycles_total",
+        "wazzup_sync_cycle_duration_seconds_bucket",
+        "wazzup_sync_requests_total",
+        "wazzup_sync_records_total",
+        "wazzup_sync_open_dead_letters",
+        "wazzup_sync_accounts_auth_failed",
+        "wazzup_sync_last_success_timestamp_seconds",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from\n{metrics}");
+    }
+    assert!(
+        metrics.contains(r#"endpoint="POST /v2/users",status="ok""#),
+        "{metrics}"
+    );
+    let hc = run_bin(&["healthcheck"], &env).await;
+    assert!(hc.status.success(), "{}", text(&hc));
+    assert_eq!(sim.users("tok-1").len(), 3);
+
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("stops within the grace period")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("wazzup-sync stopped"));
+    let hc = run_bin(&["healthcheck"], &env).await;
+    assert_eq!(hc.status.code(), Some(1), "nothing answers once stopped");
+}
+
+#[tokio::test]
+async fn readiness_fails_while_a_database_is_unreachable() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let env = env_for(
+        &db,
+        &sim,
+        &[
+            ("WAZZUP_SYNC__HTTP__LISTEN", &listen),
+            (
+                "WAZZUP_SYNC__STATE__URL",
+                "postgres://postgres@127.0.0.1:1/none",
+            ),
+        ],
+    );
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wazzup-sync"));
+    cmd.arg("run")
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    // It keeps retrying its migration rather than exiting, and is alive but not ready.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the daemon keeps running"
+    );
+    let hc = run_bin(&["healthcheck"], &env).await;
+    assert_eq!(hc.status.code(), Some(1));
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_listed_retried_and_discarded_by_hand() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    let outsider = UserPayload {
+        id: "outsider".into(),
+        name: "Outsider".into(),
+        phone: Some("37120000002".into()),
+    };
+    sim.insert_users("tok-1", &[outsider]);
+    db.add_users("a1", 3).await;
+    db.add_user("a1", "blank", " ", None).await;
+    sync(&db, &sim, &[]).await;
+    let env = env_for(&db, &sim, &[]);
+
+    let out = run_bin(&["dead-letters", "list"], &env).await;
+    let table = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}", text(&out));
+    let u2 = table.lines().find(|l| l.contains(" u2 ")).expect(&table);
+    assert!(
+        u2.contains("USER_ALREADY_EXISTS (400)") && u2.contains("already exists"),
+        "{u2}"
+    );
+    let blank = table.lines().find(|l| l.contains(" blank ")).expect(&table);
+    assert!(
+        blank.contains("invalid_name")
+            && blank.contains("when fixed in CRM")
+            && blank.contains("name is empty"),
+        "{blank}"
+    );
+
+    let out = run_bin(&["dead-letters", "list", "--format", "json"], &env).await;
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let u2_id = rows.iter().find(|r| r["record_id"] == "u2").unwrap()["id"]
+        .as_i64()
+        .unwrap();
+
+    // Retried by hand: sent again at once, although its schedule said a minute later.
+    sim.remove_user("tok-1", "outsider");
+    sim.clear_requests();
+    let out = run_bin(
+        &["dead-letters", "retry", "--id", &u2_id.to_string(), "--now"],
+        &env,
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(sim.users("tok-1").contains_key("u2"));
+    assert!(
+        db.open_dead_letters()
+            .await
+            .iter()
+            .all(|d| d.record_id != "u2")
+    );
+
+    // Discarded: not sent again while unchanged; a change in the CRM brings it back.
+    sim.insert_users(
+        "tok-1",
+        &[UserPayload {
+            id: "other".into(),
+            name: "Other".into(),
+            phone: Some("37129999999".into()),
+        }],
+    );
+    db.exec("UPDATE wazzup_users SET name = 'Three', phone = '+371 29999999' WHERE id = 'u3'")
+        .await;
+    sync(&db, &sim, &[]).await;
+    let dead = db.open_dead_letters().await;
+    assert!(
+        dead.iter().any(|d| d.record_id == "u3"),
+        "{dead:?} {:?}",
+        sim.requests()
+    );
+    let out = run_bin(
+        &["dead-letters", "discard", "--all", "--account", "a1"],
+        &env,
+    )
+    .await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Discarded 2"),
+        "{}",
+        text(&out)
+    );
+    db.exec("UPDATE wazzup_sync.dead_letters SET next_attempt_at = now() - interval '1 day'")
+        .await;
+    sim.clear_requests();
+    sync(&db, &sim, &[]).await;
+    assert!(
+        sim.requests()
+            .iter()
+            .all(|r| !r.ids.contains(&"u3".to_string())),
+        "discarded stays quiet"
+    );
+    sim.remove_user("tok-1", "other");
+    db.exec("UPDATE wazzup_users SET name = 'Three again' WHERE id = 'u3'")
+        .await;
+    sync(&db, &sim, &[]).await;
+    assert_eq!(sim.users("tok-1")["u3"].name, "Three again");
+}
