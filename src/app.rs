@@ -195,52 +195,74 @@ pub async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
         tracing::info!(address = %addr, "Serving /healthz, /readyz and /metrics");
     }
 
-    let (tick_tx, mut tick_rx) = mpsc::channel::<()>(1);
     let scheduler = JobScheduler::new().await?;
-    let tx = tick_tx.clone();
-    scheduler
-        .add(Job::new_async(
-            settings.sync.schedule.as_str(),
-            move |_, _| {
+    let (tick_tx, mut tick_rx) = mpsc::channel::<()>(1);
+    let (reconcile_tx, mut reconcile_rx) = mpsc::channel::<()>(1);
+    for (schedule, tx) in [
+        (&settings.sync.schedule, tick_tx.clone()),
+        (&settings.sync.reconcile_schedule, reconcile_tx.clone()),
+    ] {
+        scheduler
+            .add(Job::new_async(schedule.as_str(), move |_, _| {
                 let tx = tx.clone();
                 // A tick while a cycle runs is dropped: cycles never overlap.
                 Box::pin(async move {
                     let _ = tx.try_send(());
                 })
-            },
-        )?)
-        .await?;
+            })?)
+            .await?;
+    }
     scheduler.start().await?;
+    let (notify_tx, mut notify_rx) = mpsc::unbounded_channel::<String>();
+    if !settings.sync.listen_channel.is_empty() {
+        listen(&engine, &settings.sync.listen_channel, notify_tx).await?;
+    }
     let _ = tick_tx.try_send(());
-    tracing::info!(schedule = %settings.sync.schedule, "wazzup-sync started");
+    tracing::info!(
+        schedule = %settings.sync.schedule,
+        reconcile_schedule = %settings.sync.reconcile_schedule,
+        listen_channel = %settings.sync.listen_channel,
+        "wazzup-sync started"
+    );
 
     let grace = Duration::from_secs(settings.sync.shutdown_grace_secs);
-    let cycle_opts = CycleOptions::default();
     let signal = shutdown_signal();
     tokio::pin!(signal);
     loop {
-        tokio::select! {
+        let opts = tokio::select! {
+            biased;
             _ = &mut signal => break,
-            Some(()) = tick_rx.recv() => {
-                let cycle = engine.run_cycle(&cycle_opts);
-                tokio::pin!(cycle);
-                tokio::select! {
-                    r = &mut cycle => {
-                        if r.is_ok() {
-                            health.cycle_finished();
-                        }
-                        log_cycle_error(r);
-                    }
-                    _ = &mut signal => {
-                        tracing::info!(grace_secs = grace.as_secs(), "Stopping: finishing the requests in flight");
-                        let _ = stop_tx.send(true);
-                        match tokio::time::timeout(grace, &mut cycle).await {
-                            Ok(r) => log_cycle_error(r),
-                            Err(_) => tracing::warn!("The grace period ended before the cycle did; unacknowledged work is retried on the next start"),
-                        }
-                        break;
-                    }
+            Some(()) = reconcile_rx.recv() => CycleOptions { reconcile: true, ..Default::default() },
+            Some(()) = tick_rx.recv() => CycleOptions::default(),
+            Some(first) = notify_rx.recv() => {
+                // Debounce: a burst of changes costs one cycle.
+                tokio::time::sleep(NOTIFY_DEBOUNCE).await;
+                let mut accounts = HashSet::from([first]);
+                while let Ok(more) = notify_rx.try_recv() {
+                    accounts.insert(more);
                 }
+                let all = accounts.contains("");
+                tracing::info!(accounts = accounts.len(), "Syncing after a notification");
+                CycleOptions { only_accounts: (!all).then_some(accounts), ..Default::default() }
+            }
+        };
+        let cycle = engine.run_cycle(&opts);
+        tokio::pin!(cycle);
+        tokio::select! {
+            r = &mut cycle => {
+                if r.is_ok() {
+                    health.cycle_finished();
+                }
+                log_cycle_error(r);
+            }
+            _ = &mut signal => {
+                tracing::info!(grace_secs = grace.as_secs(), "Stopping: finishing the requests in flight");
+                let _ = stop_tx.send(true);
+                match tokio::time::timeout(grace, &mut cycle).await {
+                    Ok(r) => log_cycle_error(r),
+                    Err(_) => tracing::warn!("The grace period ended before the cycle did; unacknowledged work is retried on the next start"),
+                }
+                break;
             }
         }
     }
@@ -248,6 +270,40 @@ pub async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
     let mut scheduler = scheduler;
     let _ = scheduler.shutdown().await;
     tracing::info!("wazzup-sync stopped");
+    Ok(())
+}
+
+/// How long notifications are gathered before the cycle they trigger starts.
+const NOTIFY_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// LISTENs on the CRM database; every notification's payload (an account id) is passed on.
+async fn listen(
+    engine: &Engine,
+    channel: &str,
+    tx: mpsc::UnboundedSender<String>,
+) -> anyhow::Result<()> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(&engine.source)
+        .await
+        .context("Failed to open the LISTEN connection to the CRM database")?;
+    listener.listen(channel).await.with_context(|| {
+        format!("Failed to LISTEN on {channel} (WAZZUP_SYNC__SYNC__LISTEN_CHANNEL)")
+    })?;
+    tokio::spawn(async move {
+        loop {
+            match listener.recv().await {
+                Ok(n) => {
+                    if tx.send(n.payload().trim().to_string()).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    // The listener reconnects on the next recv; polling covers the gap.
+                    tracing::warn!(error = %e, "Lost the LISTEN connection; reconnecting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
     Ok(())
 }
 

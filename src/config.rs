@@ -90,6 +90,9 @@ pub struct SyncSettings {
     pub mass_delete_max_percent: u32,
     pub mass_delete_min: usize,
     pub allow_mass_delete: bool,
+    pub reconcile_schedule: String,
+    pub prune_unknown: bool,
+    pub listen_channel: String,
     pub shutdown_grace_secs: u64,
 }
 
@@ -211,6 +214,14 @@ impl Settings {
             return Err(bad("SYNC__MASS_DELETE_MAX_PERCENT", "must be 0..100"));
         }
         validate_cron(&s.sync.schedule).map_err(|e| bad("SYNC__SCHEDULE", &e))?;
+        validate_cron(&s.sync.reconcile_schedule)
+            .map_err(|e| bad("SYNC__RECONCILE_SCHEDULE", &e))?;
+        if !s.sync.listen_channel.is_empty() && !is_identifier(&s.sync.listen_channel) {
+            return Err(bad(
+                "SYNC__LISTEN_CHANNEL",
+                "must be a lower-case SQL identifier",
+            ));
+        }
         s.http
             .listen
             .parse::<std::net::SocketAddr>()

@@ -28,6 +28,8 @@ enum Command {
         #[arg(long = "allow-mass-delete", value_name = "ACCOUNT")]
         allow_mass_delete: Vec<String>,
     },
+    /// Read every account back from Wazzup, repair drift, then sync (exit codes as `sync`).
+    Reconcile,
     /// Dry run: print per account what a cycle would send. Sends nothing, writes nothing.
     Plan {
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
@@ -171,6 +173,17 @@ async fn try_main(cli: Cli) -> ExitCode {
                     Command::Sync { allow_mass_delete } => {
                         let opts = CycleOptions {
                             allow_mass_delete: app::allow_set(&allow_mass_delete),
+                            ..Default::default()
+                        };
+                        let report = app::sync_once(settings, opts).await?;
+                        for line in app::failed_accounts(&report) {
+                            eprintln!("wazzup-sync: account not synced: {line}");
+                        }
+                        Ok(ExitCode::from(app::exit_code(&report) as u8))
+                    }
+                    Command::Reconcile => {
+                        let opts = CycleOptions {
+                            reconcile: true,
                             ..Default::default()
                         };
                         let report = app::sync_once(settings, opts).await?;

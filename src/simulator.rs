@@ -164,6 +164,8 @@ impl Simulator {
     pub fn remove_user(&self, token: &str, id: &str) {
         if let Some(a) = self.lock().accounts.get_mut(token) {
             a.users.remove(id);
+            a.settings.user_roles.retain(|r| r.user_id != id);
+            a.settings.hide_phone_numbers_for_user_ids.retain(|u| u != id);
         }
     }
 

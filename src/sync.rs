@@ -81,6 +81,13 @@ pub struct AccountReport {
     pub requests: u64,
     pub retries: u64,
     pub duration_ms: u64,
+    /// Drift repair: users missing from Wazzup, users edited there, settings edited there.
+    pub drift_missing: usize,
+    pub drift_changed: usize,
+    pub drift_settings: bool,
+    /// Users in Wazzup that the CRM does not know, and how many of them were deleted.
+    pub unknown_in_wazzup: usize,
+    pub pruned: usize,
     /// In a dry run: what would be sent.
     pub would_create: usize,
     pub would_update: usize,
@@ -109,6 +116,11 @@ impl AccountReport {
             requests: 0,
             retries: 0,
             duration_ms: 0,
+            drift_missing: 0,
+            drift_changed: 0,
+            drift_settings: false,
+            unknown_in_wazzup: 0,
+            pruned: 0,
             would_create: 0,
             would_update: 0,
             would_delete: 0,
@@ -143,6 +155,8 @@ pub struct CycleOptions {
     pub allow_mass_delete: HashSet<String>,
     /// Sync only these accounts (all when None).
     pub only_accounts: Option<HashSet<String>>,
+    /// Read each account's users and settings back from Wazzup and repair drift first.
+    pub reconcile: bool,
 }
 
 /// The cycle could not start: the CRM could not be read.
@@ -240,6 +254,11 @@ impl Engine {
         let mut accounts = std::mem::take(&mut snap.accounts);
         if let Some(only) = &opts.only_accounts {
             accounts.retain(|a| only.contains(&a.account_id));
+        }
+        // Replicas start at different accounts, so they share the work instead of queueing on locks.
+        if accounts.len() > 1 {
+            let k = rand::random_range(0..accounts.len());
+            accounts.rotate_left(k);
         }
         let jobs: Vec<_> = accounts
             .into_iter()
@@ -390,7 +409,7 @@ impl Engine {
     ) -> Result<AccountOutcome, sqlx::Error> {
         let id = account.account_id.as_str();
         let fingerprint = token_fingerprint(&account.token);
-        let acct_state = state::load_account(&self.state, id).await?;
+        let mut acct_state = state::load_account(&self.state, id).await?;
         if let Some(failed_at) = acct_state.auth_failed_at {
             let cooldown =
                 chrono::Duration::seconds(self.settings.wazzup.auth_cooldown_secs as i64);
@@ -442,6 +461,32 @@ impl Engine {
             state::record_invalid(&self.state, id, &fresh).await?;
         }
 
+        let acct = Account {
+            account_id: id,
+            token: &account.token,
+            stats,
+        };
+        if opts.reconcile {
+            match self.repair_drift(&acct, norm, &acct_state, report).await? {
+                Ok(settings_drifted) => {
+                    if settings_drifted {
+                        acct_state.settings_hash = None;
+                    }
+                }
+                Err(ApiError::Unauthorized { status }) => {
+                    state::mark_auth_failed(&self.state, id, &fingerprint, status).await?;
+                    return Ok(AccountOutcome::AuthFailed(format!(
+                        "Wazzup refused the token (HTTP {status}) while reading it back"
+                    )));
+                }
+                Err(e) => {
+                    return Ok(AccountOutcome::Incomplete(format!(
+                        "could not read the account back from Wazzup: {e}"
+                    )));
+                }
+            }
+        }
+
         let mut mirror = state::load_mirror(&self.state, id).await?;
         let now = Utc::now();
         let p = plan::plan_users(
@@ -464,11 +509,6 @@ impl Engine {
             );
         }
 
-        let acct = Account {
-            account_id: id,
-            token: &account.token,
-            stats,
-        };
         let mut stop: Option<Stop> = None;
 
         // 1. Users: updates first, so that reaching the user limit only holds back creates.
@@ -637,6 +677,107 @@ impl Engine {
         )
         .await?;
         Ok(outcome)
+    }
+
+    /// Reads the account back from Wazzup and makes the mirror tell the truth: users missing
+    /// or edited there are forgotten (so the cycle pushes them again), unknown users are
+    /// reported (and deleted when `prune_unknown` is on). Ok(true) when the settings drifted.
+    async fn repair_drift(
+        &self,
+        acct: &Account<'_>,
+        norm: &Normalized,
+        acct_state: &state::AccountState,
+        report: &mut AccountReport,
+    ) -> Result<Result<bool, ApiError>, sqlx::Error> {
+        let id = acct.account_id;
+        let remote = match self.client.get_all_users(acct).await {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let remote_settings = match self.client.get_settings(acct).await {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(e)),
+        };
+        let mirror = state::load_mirror(&self.state, id).await?;
+        let remote: HashMap<&str, &UserPayload> =
+            remote.iter().map(|u| (u.id.as_str(), u)).collect();
+        let desired: HashMap<&str, &ValidUser> = norm
+            .users
+            .iter()
+            .map(|u| (u.payload.id.as_str(), u))
+            .collect();
+        let mut forget = Vec::new();
+        for uid in mirror.keys() {
+            match (remote.get(uid.as_str()), desired.get(uid.as_str())) {
+                (None, _) => {
+                    report.drift_missing += 1;
+                    forget.push(uid.clone());
+                }
+                (Some(r), Some(d)) if **r != d.payload && mirror[uid] == d.hash => {
+                    report.drift_changed += 1;
+                    forget.push(uid.clone());
+                }
+                _ => {}
+            }
+        }
+        state::delete_mirror(&self.state, id, &forget).await?;
+        let mut unknown: Vec<String> = remote
+            .keys()
+            .filter(|u| {
+                !mirror.contains_key(**u)
+                    && !desired.contains_key(**u)
+                    && !norm.rejected_user_ids.contains(**u)
+            })
+            .map(|u| u.to_string())
+            .collect();
+        unknown.sort();
+        report.unknown_in_wazzup = unknown.len();
+        if !unknown.is_empty() {
+            let sample: Vec<&String> = unknown.iter().take(10).collect();
+            tracing::warn!(
+                count = unknown.len(),
+                sample = ?sample,
+                prune = self.settings.sync.prune_unknown,
+                "Wazzup holds users that the CRM does not know"
+            );
+            if self.settings.sync.prune_unknown {
+                for chunk in unknown.chunks(self.settings.sync.batch_size) {
+                    match self.client.delete_users(acct, chunk).await {
+                        Ok(()) => report.pruned += chunk.len(),
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
+            }
+        }
+        let mut remote_settings = remote_settings;
+        remote_settings.canonicalize();
+        let drifted = match &acct_state.settings_doc {
+            Some(doc) => {
+                let mut doc = doc.clone();
+                doc.canonicalize();
+                doc != remote_settings
+            }
+            None => false,
+        };
+        report.drift_settings = drifted;
+        for (kind, n) in [
+            ("missing", report.drift_missing),
+            ("changed", report.drift_changed),
+            ("settings", drifted as usize),
+            ("pruned", report.pruned),
+        ] {
+            metrics::counter!("wazzup_sync_drift_repaired_total", "kind" => kind)
+                .increment(n as u64);
+        }
+        if report.drift_missing + report.drift_changed + drifted as usize > 0 {
+            tracing::warn!(
+                missing = report.drift_missing,
+                changed = report.drift_changed,
+                settings = drifted,
+                "Wazzup drifted from what was synced; pushing it again"
+            );
+        }
+        Ok(Ok(drifted))
     }
 
     async fn settings_failed(
@@ -1013,6 +1154,10 @@ fn log_account(r: &AccountReport, dry_run: bool) {
                 deferred = r.deferred,
                 waiting = r.waiting,
                 phone_warnings = r.phone_warnings,
+                drift_missing = r.drift_missing,
+                drift_changed = r.drift_changed,
+                drift_settings = r.drift_settings,
+                unknown_in_wazzup = r.unknown_in_wazzup,
                 requests = r.requests,
                 retries = r.retries,
                 duration_ms = r.duration_ms,

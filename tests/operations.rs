@@ -236,3 +236,151 @@ async fn dead_letters_can_be_listed_retried_and_discarded_by_hand() {
     sync(&db, &sim, &[]).await;
     assert_eq!(sim.users("tok-1")["u3"].name, "Three again");
 }
+
+#[tokio::test]
+async fn reconcile_repairs_users_deleted_or_edited_in_wazzup_and_reports_unknown_ones() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.add_users("a1", 120).await;
+    sync(&db, &sim, &[]).await;
+    // Someone works in the Wazzup UI: deletes one user, renames another, adds a stranger,
+    // and the settings lose a role when the user is deleted.
+    sim.remove_user("tok-1", "u7");
+    sim.insert_users(
+        "tok-1",
+        &[
+            UserPayload {
+                id: "u8".into(),
+                name: "Edited in UI".into(),
+                phone: None,
+            },
+            UserPayload {
+                id: "stranger".into(),
+                name: "Stranger".into(),
+                phone: None,
+            },
+        ],
+    );
+    // A normal cycle trusts the mirror and sends nothing.
+    sim.clear_requests();
+    sync(&db, &sim, &[]).await;
+    assert_eq!(sim.request_count(), 0);
+
+    let out = run_bin(&["reconcile"], &env_for(&db, &sim, &[])).await;
+
+    assert!(out.status.success(), "{}", text(&out));
+    let users = sim.users("tok-1");
+    assert_eq!(users["u7"].name, "User 7", "the deleted user is back");
+    assert_eq!(users["u8"].name, "User 8", "the edit is undone");
+    assert!(
+        users.contains_key("stranger"),
+        "unknown users are only reported by default"
+    );
+    let log = text(&out);
+    assert!(
+        log.contains("Wazzup holds users that the CRM does not know"),
+        "{log}"
+    );
+    assert!(
+        log.contains("\"drift_missing\":1") && log.contains("\"drift_changed\":1"),
+        "{log}"
+    );
+    // 2 pages of users + settings read back; one POST with the two users; the settings again
+    // (the deleted user's role had gone from them).
+    let methods: Vec<String> = sim
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            "GET /v2/users",
+            "GET /v2/users",
+            "GET /v2/settings",
+            "POST /v2/users",
+            "PATCH /v2/settings"
+        ]
+    );
+    assert_eq!(sim.settings("tok-1").user_roles.len(), 120);
+
+    let out = run_bin(
+        &["reconcile"],
+        &env_for(&db, &sim, &[("WAZZUP_SYNC__SYNC__PRUNE_UNKNOWN", "true")]),
+    )
+    .await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !sim.users("tok-1").contains_key("stranger"),
+        "pruned when asked"
+    );
+    assert_eq!(sim.users("tok-1").len(), 120);
+}
+
+#[tokio::test]
+async fn a_notification_from_the_crm_syncs_its_account_without_waiting_for_the_schedule() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    db.add_account("a2", "tok-2").await;
+    sim.add_account("tok-1");
+    sim.add_account("tok-2");
+    db.add_users("a1", 2).await;
+    let env = env_for(
+        &db,
+        &sim,
+        &[
+            // Once a year: only the start-up cycle and notifications run during the test.
+            ("WAZZUP_SYNC__SYNC__SCHEDULE", "0 0 0 1 1 *"),
+            ("WAZZUP_SYNC__SYNC__LISTEN_CHANNEL", "wazzup_sync"),
+            ("WAZZUP_SYNC__HTTP__ENABLED", "false"),
+        ],
+    );
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wazzup-sync"));
+    cmd.arg("run")
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().unwrap();
+    for _ in 0..100 {
+        if sim.users("tok-1").len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(sim.users("tok-1").len(), 2, "the start-up cycle ran");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.clear_requests();
+
+    // The trigger an operator adds to the CRM tables does this; a burst costs one cycle.
+    db.exec("INSERT INTO wazzup_users VALUES ('a1', 'new', 'New Hire', NULL, false)")
+        .await;
+    db.exec("INSERT INTO wazzup_users VALUES ('a2', 'other', 'Other Account', NULL, false)")
+        .await;
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        db.exec("SELECT pg_notify('wazzup_sync', 'a1')").await;
+    }
+    let mut landed = None;
+    for _ in 0..100 {
+        if sim.users("tok-1").contains_key("new") {
+            landed = Some(started.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let landed = landed.expect("the notified account was synced");
+    eprintln!("NOTIFY to landed: {landed:?}");
+    assert!(landed < Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let posts = sim.requests().iter().filter(|r| r.method == "POST").count();
+    assert_eq!(posts, 1, "five notifications, one cycle");
+    assert!(
+        !sim.users("tok-2").contains_key("other"),
+        "only the notified account was synced"
+    );
+    child.kill().await.unwrap();
+}
