@@ -32,7 +32,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `sync`: migrate, one cycle, report. Ok(true) when every account completed.
+/// `sync`: migrate, one cycle, report.
 pub async fn sync_once(settings: Settings, opts: CycleOptions) -> anyhow::Result<CycleReport> {
     warn_insecure(&settings);
     let (_tx, rx) = watch::channel(false);
@@ -121,7 +121,8 @@ pub async fn check(settings: Settings) -> anyhow::Result<bool> {
         queries.push((&settings.source.accounts_query, &ACCOUNTS_SHAPE));
     }
     for (q, shape) in queries {
-        match source::check_query(&src, q, shape).await {
+        let multi = settings.single_token().is_none();
+        match source::check_query(&src, q, shape, multi).await {
             Ok(()) => say(true, format!("{} query columns", shape.name)),
             Err(e) => say(false, e.to_string()),
         }
@@ -129,7 +130,7 @@ pub async fn check(settings: Settings) -> anyhow::Result<bool> {
     let (_tx, rx) = watch::channel(false);
     let engine = Engine::new(settings.clone(), rx)?;
     let accounts = match settings.single_token() {
-        Some(t) => vec![(settings.wazzup.single_account_id.clone(), t.clone())],
+        Some(t) => vec![(settings.wazzup.single_account_id.clone(), t)],
         None => match source::read_snapshot(&src, &settings, None).await {
             Ok(s) => s
                 .accounts

@@ -257,9 +257,9 @@ impl Settings {
     }
 
     /// The single-account token, when single-account mode is on.
-    pub fn single_token(&self) -> Option<&SecretString> {
-        let t = &self.wazzup.token;
-        (!t.expose_secret().trim().is_empty()).then_some(t)
+    pub fn single_token(&self) -> Option<SecretString> {
+        let t = self.wazzup.token.expose_secret().trim();
+        (!t.is_empty()).then(|| SecretString::from(t.to_string()))
     }
 
     /// The state database URL (the source URL when none is set).

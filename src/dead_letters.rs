@@ -72,8 +72,9 @@ pub async fn retry(pool: &PgPool, sel: &Selection) -> Result<Vec<String>, sqlx::
     })
 }
 
-/// Closes dead letters by hand. A refused record is not sent again until its content changes
-/// in the CRM; a locally invalid one comes back if the CRM still holds it invalid.
+/// Closes dead letters by hand. The record stays quiet while it is unchanged: a refused user
+/// is not sent again and an invalid row is not reported again until the CRM changes it; a
+/// refused deletion is not tried again while the user stays out of the CRM.
 pub async fn discard(pool: &PgPool, sel: &Selection) -> Result<u64, sqlx::Error> {
     let done = sqlx::query(
         "UPDATE dead_letters SET resolved_at = now(), resolution = 'discarded'

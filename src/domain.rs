@@ -231,7 +231,7 @@ pub fn normalize_phone(raw: &str, region: Option<Region>) -> Phone {
     }
 }
 
-/// Masks a phone for logs the way Wazzup shows hidden numbers: `371 55 *** *34`.
+/// Masks a phone for logs, showing only its first and last digits: `371 *** *34`.
 pub fn mask_phone(digits: &str) -> String {
     let n = digits.chars().count();
     if n <= 5 {
@@ -240,6 +240,30 @@ pub fn mask_phone(digits: &str) -> String {
     let head: String = digits.chars().take(3).collect();
     let tail: String = digits.chars().skip(n - 2).collect();
     format!("{head} *** *{tail}")
+}
+
+/// Masks every run of seven or more digits (a phone, most likely) in a text meant for logs.
+pub fn mask_digits(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.len() >= 7 {
+            out.push_str(&mask_phone(run));
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
 }
 
 /// Orders ids numerically when both are integers, otherwise as strings.
@@ -622,6 +646,10 @@ mod tests {
     #[test]
     fn a_masked_phone_shows_only_the_ends() {
         assert_eq!(mask_phone("37155123434"), "371 *** *34");
+        assert_eq!(
+            mask_digits("User with phone number 37155123434 already exists, code 400"),
+            "User with phone number 371 *** *34 already exists, code 400"
+        );
     }
 
     #[test]

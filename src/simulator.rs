@@ -40,6 +40,10 @@ pub struct RequestRecord {
     pub status: u16,
     /// Ids in a users body, when any.
     pub ids: Vec<String>,
+    /// The client's User-Agent (the daemon names its process there).
+    pub agent: String,
+    #[serde(skip)]
+    pub at: Option<std::time::Instant>,
 }
 
 /// One scripted fault, consumed by the next matching request.
@@ -59,6 +63,8 @@ pub enum Fault {
     ShortProcessed { processed: usize },
     /// Wait this long before answering (beyond the client's timeout, it is a timeout).
     Delay { ms: u64 },
+    /// Apply nothing; start a 200 answer and break the connection in the middle of the body.
+    Drop,
 }
 
 /// The fault switchboard.
@@ -88,6 +94,8 @@ struct SimState {
     open_registration: bool,
     requests: Vec<RequestRecord>,
     faults: Faults,
+    /// Send this signal to this process when the n-th request arrives (before answering it).
+    signal_at: Option<(usize, u32, &'static str)>,
 }
 
 type Shared = Arc<Mutex<SimState>>;
@@ -165,7 +173,9 @@ impl Simulator {
         if let Some(a) = self.lock().accounts.get_mut(token) {
             a.users.remove(id);
             a.settings.user_roles.retain(|r| r.user_id != id);
-            a.settings.hide_phone_numbers_for_user_ids.retain(|u| u != id);
+            a.settings
+                .hide_phone_numbers_for_user_ids
+                .retain(|u| u != id);
         }
     }
 
@@ -207,6 +217,14 @@ impl Simulator {
             path: path.map(str::to_string),
             fault,
         });
+    }
+
+    /// Sends `signal` (`KILL`, `TERM`) to `pid` when the `n`-th request (counting from now on)
+    /// arrives, before it is answered or applied: a crash or stop at an exact point of a sync.
+    pub fn signal_at_request(&self, n: usize, pid: u32, signal: &'static str) {
+        let mut s = self.lock();
+        let at = s.requests.len() + n;
+        s.signal_at = Some((at, pid, signal));
     }
 
     /// Makes every request with this token answer 401 (or stop doing so).
@@ -284,7 +302,22 @@ fn gate(
         path: path.to_string(),
         status: 200,
         ids,
+        agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        at: Some(std::time::Instant::now()),
     };
+    if let Some((at, pid, signal)) = s.signal_at
+        && s.requests.len() + 1 == at
+    {
+        s.signal_at = None;
+        let _ = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status();
+    }
     let fault_pos = s.faults.script.iter().position(|f| {
         f.method
             .as_deref()
@@ -339,6 +372,19 @@ async fn apply_fault(fault: &Option<Fault>) -> Option<Response> {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);
             }
             Some(resp)
+        }
+        Some(Fault::Drop) => {
+            let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+                Ok(Bytes::from_static(b"{\"data\": {\"proc")),
+                Err(std::io::Error::other("connection dropped")),
+            ];
+            Some(
+                Response::builder()
+                    .status(StatusCode::OK)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(axum::body::Body::from_stream(futures::stream::iter(chunks)))
+                    .expect("response"),
+            )
         }
         Some(Fault::Delay { ms }) => {
             tokio::time::sleep(Duration::from_millis(*ms)).await;

@@ -101,7 +101,7 @@ fn column_index(row: &PgRow, name: &str) -> Option<usize> {
         .position(|c| c.name().eq_ignore_ascii_case(name))
 }
 
-/// Reads a text column; integers and other scalar types are turned into text.
+/// Reads a text column; integer and uuid columns are turned into text.
 fn text(
     row: &PgRow,
     query: &'static str,
@@ -116,6 +116,9 @@ fn text(
         "INT2" => Ok(row.try_get::<Option<i16>, _>(i)?.map(|v| v.to_string())),
         "INT4" => Ok(row.try_get::<Option<i32>, _>(i)?.map(|v| v.to_string())),
         "INT8" => Ok(row.try_get::<Option<i64>, _>(i)?.map(|v| v.to_string())),
+        "UUID" => Ok(row
+            .try_get::<Option<uuid::Uuid>, _>(i)?
+            .map(|v| v.to_string())),
         _ => Err(SourceError::WrongType {
             query,
             column: row.columns()[i].name().to_string(),
@@ -163,7 +166,12 @@ impl Columns {
 }
 
 /// Checks a query's columns without reading its rows (`LIMIT 0`).
-pub async fn check_query(pool: &PgPool, sql: &str, shape: &QueryShape) -> Result<(), SourceError> {
+pub async fn check_query(
+    pool: &PgPool,
+    sql: &str,
+    shape: &QueryShape,
+    needs_account_id: bool,
+) -> Result<(), SourceError> {
     let mut conn = pool.acquire().await?;
     let wrapped = format!("SELECT * FROM ({sql}) AS q LIMIT 0");
     let describe = sqlx::Executor::describe(
@@ -176,7 +184,12 @@ pub async fn check_query(pool: &PgPool, sql: &str, shape: &QueryShape) -> Result
         .iter()
         .map(|c| c.name().to_lowercase())
         .collect();
-    for c in shape.required {
+    let extra: &[&'static str] = if needs_account_id {
+        &["account_id"]
+    } else {
+        &[]
+    };
+    for c in shape.required.iter().chain(extra) {
         if !names.iter().any(|n| n == c) {
             return Err(SourceError::MissingColumn {
                 query: shape.name,

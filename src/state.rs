@@ -23,7 +23,13 @@ pub fn connect(settings: &Settings) -> Result<PgPool, sqlx::Error> {
         .application_name("wazzup-sync")
         .options([("search_path", settings.state.schema.as_str())]);
     Ok(PgPoolOptions::new()
-        .max_connections(settings.state.max_connections.max(2))
+        // Each account in flight holds one session for its lock and uses one more for its queries.
+        .max_connections(
+            settings
+                .state
+                .max_connections
+                .max(2 * settings.sync.concurrency as u32 + 2),
+        )
         .acquire_timeout(Duration::from_secs(10))
         .connect_lazy_with(opts))
 }

@@ -78,6 +78,8 @@ pub struct AccountReport {
     pub waiting: usize,
     pub deletes_blocked: Option<(usize, usize)>,
     pub phone_warnings: usize,
+    /// Phones sent although libphonenumber does not know their range.
+    pub phone_not_valid: usize,
     pub requests: u64,
     pub retries: u64,
     pub duration_ms: u64,
@@ -113,6 +115,7 @@ impl AccountReport {
             waiting: 0,
             deletes_blocked: None,
             phone_warnings: 0,
+            phone_not_valid: 0,
             requests: 0,
             retries: 0,
             duration_ms: 0,
@@ -211,9 +214,9 @@ impl Engine {
 
     /// The single account of single-account mode, when the token is set.
     fn single_account(&self) -> Option<SourceAccount> {
-        self.settings.single_token().map(|t| SourceAccount {
+        self.settings.single_token().map(|token| SourceAccount {
             account_id: self.settings.wazzup.single_account_id.clone(),
-            token: t.clone(),
+            token,
             push_input_output_message_events_for_managers: self
                 .settings
                 .wazzup
@@ -427,6 +430,7 @@ impl Engine {
         let open = state::open_dead_letters(&self.state, id).await?;
         report.rejected_locally = norm.rejected.len();
         report.phone_warnings = norm.phone_warnings;
+        report.phone_not_valid = norm.phone_not_valid;
         let open_invalid: HashMap<(&str, &str), Option<&str>> = open
             .iter()
             .filter(|d| d.kind == "invalid")
@@ -480,9 +484,9 @@ impl Engine {
                     )));
                 }
                 Err(e) => {
-                    return Ok(AccountOutcome::Incomplete(format!(
-                        "could not read the account back from Wazzup: {e}"
-                    )));
+                    let why = format!("could not read the account back from Wazzup: {e}");
+                    state::finish_account(&self.state, id, &fingerprint, false, Some(&why)).await?;
+                    return Ok(AccountOutcome::Incomplete(why));
                 }
             }
         }
@@ -513,7 +517,6 @@ impl Engine {
 
         // 1. Users: updates first, so that reaching the user limit only holds back creates.
         let mut due: Vec<&ValidUser> = p.updates.clone();
-        let n_updates = due.len();
         due.extend(p.creates.iter().copied());
         if !due.is_empty() {
             let in_mirror: HashSet<&str> =
@@ -530,7 +533,6 @@ impl Engine {
             report.created = outcome.acked.len() - report.updated;
             report.deferred += due.len() - outcome.acked.len() - outcome.rejected;
             stop = outcome.stop;
-            let _ = n_updates;
         }
 
         // Close user dead letters whose record is now in Wazzup as the CRM says, or gone.
@@ -740,7 +742,17 @@ impl Engine {
                 prune = self.settings.sync.prune_unknown,
                 "Wazzup holds users that the CRM does not know"
             );
-            if self.settings.sync.prune_unknown {
+            let guard = self.settings.sync.mass_delete_max_percent as usize;
+            let too_many = unknown.len() > self.settings.sync.mass_delete_min
+                && unknown.len() * 100 > remote.len() * guard
+                && !self.settings.sync.allow_mass_delete;
+            if self.settings.sync.prune_unknown && too_many {
+                tracing::error!(
+                    unknown = unknown.len(),
+                    in_wazzup = remote.len(),
+                    "Held back pruning: most of Wazzup's users are unknown to the CRM. Check the users query"
+                );
+            } else if self.settings.sync.prune_unknown {
                 for chunk in unknown.chunks(self.settings.sync.batch_size) {
                     match self.client.delete_users(acct, chunk).await {
                         Ok(()) => report.pruned += chunk.len(),
@@ -799,7 +811,7 @@ impl Engine {
                 description,
                 ..
             } => {
-                tracing::error!(code = %code, description = %description, http_status = status,
+                tracing::error!(code = %code, description = %crate::domain::mask_digits(&description), http_status = status,
                     "Wazzup refused the account's settings document");
                 report.rejected_remotely += 1;
                 state::record_rejected(
@@ -914,10 +926,16 @@ impl Engine {
                         tracing::error!(code = %code, "The account reached Wazzup's user limit; no more users are created this cycle");
                         limit_error = Some((status, code.clone(), description.clone()));
                     }
+                    // The limit is about the account, not the records: never single out by index.
+                    let indexes: &[usize] = if e.code_is("USER_LIMIT_EXCEEDED") {
+                        &[]
+                    } else {
+                        indexes
+                    };
                     match plan::split_step(batch.len(), indexes) {
                         SplitStep::Alone => {
                             let r = user_rejection(batch[0], status, code, description);
-                            tracing::warn!(record_id = ?r.record_id, code = %code, description = %description,
+                            tracing::warn!(record_id = ?r.record_id, code = %code, description = %crate::domain::mask_digits(description),
                                 http_status = status, "Wazzup refused a user");
                             out.rejected += 1;
                             report.rejected_remotely += 1;
@@ -935,7 +953,7 @@ impl Engine {
                                 }
                             }
                             for r in &dead {
-                                tracing::warn!(record_id = ?r.record_id, code = %code, description = %description,
+                                tracing::warn!(record_id = ?r.record_id, code = %code, description = %crate::domain::mask_digits(description),
                                     http_status = status, "Wazzup refused a user");
                             }
                             out.rejected += dead.len();
@@ -1154,6 +1172,7 @@ fn log_account(r: &AccountReport, dry_run: bool) {
                 deferred = r.deferred,
                 waiting = r.waiting,
                 phone_warnings = r.phone_warnings,
+                phones_outside_known_ranges = r.phone_not_valid,
                 drift_missing = r.drift_missing,
                 drift_changed = r.drift_changed,
                 drift_settings = r.drift_settings,
@@ -1166,7 +1185,10 @@ fn log_account(r: &AccountReport, dry_run: bool) {
         };
     }
     match r.outcome {
-        AccountOutcome::Completed | AccountOutcome::Locked | AccountOutcome::Skipped(_) => {
+        AccountOutcome::Skipped(_) => {
+            summary!(warn, "Account not synced: its token was refused earlier")
+        }
+        AccountOutcome::Completed | AccountOutcome::Locked => {
             summary!(info, "Account synced")
         }
         AccountOutcome::Incomplete(_) => summary!(

@@ -11,7 +11,10 @@ pub fn init(log: &LogSettings) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
-        .unwrap_or_else(|| EnvFilter::new(&log.level));
+        .unwrap_or_else(|| {
+            // The scheduler and the pool narrate at INFO; keep their warnings only.
+            EnvFilter::new(format!("{},tokio_cron_scheduler=warn,sqlx=warn", log.level))
+        });
     let pretty = match log.format.as_str() {
         "pretty" => true,
         "json" => false,

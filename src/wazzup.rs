@@ -214,6 +214,12 @@ pub fn token_fingerprint(token: &SecretString) -> String {
     content_hash(token.expose_secret().as_bytes())[..16].to_string()
 }
 
+/// A random id for this process, sent in the User-Agent so requests can be traced to a replica.
+pub fn instance_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| uuid::Uuid::new_v4().simple().to_string()[..8].to_string())
+}
+
 /// The API client. Cheap to clone; one per process.
 #[derive(Clone)]
 pub struct WazzupClient {
@@ -232,7 +238,11 @@ impl WazzupClient {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(w.request_timeout_secs))
             .connect_timeout(Duration::from_secs(w.request_timeout_secs.min(10)))
-            .user_agent(concat!("wazzup-sync/", env!("CARGO_PKG_VERSION")))
+            .user_agent(format!(
+                "wazzup-sync/{} (instance {})",
+                env!("CARGO_PKG_VERSION"),
+                instance_id()
+            ))
             .https_only(!settings.insecure_http_in_use() && base.scheme() == "https")
             .build()?;
         let rate = NonZeroU32::new(w.rate_limit_per_second).unwrap_or(NonZeroU32::MIN);

@@ -14,6 +14,13 @@ use wazzup_sync::sync::{CycleOptions, CycleReport};
 
 static BASE_URL: OnceCell<String> = OnceCell::const_new();
 
+/// The three contract tables, as plain tables (the default queries read them like views).
+pub const CRM_TABLES: &str = "CREATE TABLE wazzup_accounts (account_id text, token text,
+        push_input_output_message_events_for_managers boolean);
+     CREATE TABLE wazzup_users (account_id text, id text, name text, phone text, hide_phone boolean);
+     CREATE TABLE wazzup_user_roles (account_id text, user_id text, channel_id text, role text,
+        allow_get_new_clients boolean);";
+
 /// `DATABASE_URL` when set; otherwise a PostgreSQL container started once per test binary.
 async fn base_url() -> String {
     BASE_URL
@@ -71,16 +78,7 @@ impl TestDb {
     /// A database holding the three contract tables (as tables, which the default queries read).
     pub async fn with_crm() -> Self {
         let db = Self::new().await;
-        db.pool
-            .execute(
-                "CREATE TABLE wazzup_accounts (account_id text, token text,
-                    push_input_output_message_events_for_managers boolean);
-                 CREATE TABLE wazzup_users (account_id text, id text, name text, phone text, hide_phone boolean);
-                 CREATE TABLE wazzup_user_roles (account_id text, user_id text, channel_id text, role text,
-                    allow_get_new_clients boolean);",
-            )
-            .await
-            .unwrap();
+        db.pool.execute(CRM_TABLES).await.unwrap();
         db
     }
 
@@ -266,4 +264,126 @@ pub fn text(out: &Output) -> String {
 
 pub async fn simulator() -> Simulator {
     Simulator::start("127.0.0.1:0", false).await.unwrap()
+}
+
+/// What the CRM says an account should hold, as (id → name) and the role rows count.
+pub async fn crm_users(db: &TestDb, account: &str) -> BTreeMap<String, String> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, trim(name) FROM wazzup_users WHERE account_id = $1")
+            .bind(account)
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    rows.into_iter().collect()
+}
+
+/// The simulator's users of a token as (id → name).
+pub fn sim_users(sim: &Simulator, token: &str) -> BTreeMap<String, String> {
+    sim.users(token)
+        .into_iter()
+        .map(|(k, v)| (k, v.name))
+        .collect()
+}
+
+/// A PostgreSQL server of the test's own, which the test can stop and start.
+pub struct PrivatePg {
+    pub dir: std::path::PathBuf,
+    pub port: u16,
+    bindir: std::path::PathBuf,
+}
+
+impl PrivatePg {
+    /// None when no initdb is installed (the caller says the test was skipped).
+    pub fn start() -> Option<Self> {
+        let bindir = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .filter(|p| p.join("initdb").exists())
+            .max()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("wzs-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pg = Self { dir, port, bindir };
+        if Self::is_root() {
+            let ok = std::process::Command::new("chown")
+                .args(["postgres", pg.dir.to_str().unwrap()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if !ok {
+                return None;
+            }
+        }
+        let init = format!(
+            "'{}/initdb' -D '{}' -A trust -U postgres >/dev/null",
+            pg.bindir.display(),
+            pg.dir.display()
+        );
+        assert!(pg.as_owner(&init), "initdb failed");
+        pg.start_server();
+        Some(pg)
+    }
+
+    fn is_root() -> bool {
+        std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false)
+    }
+
+    fn as_owner(&self, cmd: &str) -> bool {
+        let mut c = if Self::is_root() {
+            let mut c = std::process::Command::new("su");
+            c.args(["-s", "/bin/sh", "postgres", "-c", cmd]);
+            c
+        } else {
+            let mut c = std::process::Command::new("sh");
+            c.args(["-c", cmd]);
+            c
+        };
+        c.status().map(|s| s.success()).unwrap_or(false)
+    }
+
+    pub fn start_server(&self) {
+        let cmd = format!(
+            "'{}/pg_ctl' -D '{}' -l '{}/log' -w -o \"-p {} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off\" start >/dev/null",
+            self.bindir.display(),
+            self.dir.display(),
+            self.dir.display(),
+            self.port,
+            self.dir.display()
+        );
+        assert!(self.as_owner(&cmd), "pg_ctl start failed");
+    }
+
+    pub fn stop_server(&self) {
+        let cmd = format!(
+            "'{}/pg_ctl' -D '{}' -m fast -w stop >/dev/null",
+            self.bindir.display(),
+            self.dir.display()
+        );
+        assert!(self.as_owner(&cmd), "pg_ctl stop failed");
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePg {
+    fn drop(&mut self) {
+        let cmd = format!(
+            "'{}/pg_ctl' -D '{}' -m immediate -w stop >/dev/null 2>&1",
+            self.bindir.display(),
+            self.dir.display()
+        );
+        self.as_owner(&cmd);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

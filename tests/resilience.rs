@@ -1,0 +1,472 @@
+//! Crashes, stops, database outages, replicas, secrets and hostile data.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+use sqlx::Executor;
+use wazzup_sync::domain::UserPayload;
+use wazzup_sync::simulator::{Fault, Simulator};
+
+fn spawn(args: &[&str], env: &[(String, String)]) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wazzup-sync"));
+    cmd.args(args)
+        .envs(env.iter().cloned())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd.spawn().unwrap()
+}
+
+async fn three_accounts(db: &TestDb, sim: &Simulator, users: usize) {
+    for i in 1..=3 {
+        db.add_account(&format!("a{i}"), &format!("tok-{i}")).await;
+        sim.add_account(&format!("tok-{i}"));
+        db.add_users(&format!("a{i}"), users).await;
+    }
+}
+
+async fn assert_converged(db: &TestDb, sim: &Simulator) {
+    for i in 1..=3 {
+        let (account, token) = (format!("a{i}"), format!("tok-{i}"));
+        assert_eq!(
+            sim_users(sim, &token),
+            crm_users(db, &account).await,
+            "{account}"
+        );
+        let roles: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM wazzup_user_roles WHERE account_id = $1")
+                .bind(&account)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        assert_eq!(
+            sim.settings(&token).user_roles.len() as i64,
+            roles,
+            "{account}"
+        );
+        let mirror: Vec<String> = sqlx::query_scalar(
+            "SELECT user_id FROM wazzup_sync.mirror_users WHERE account_id = $1 ORDER BY user_id",
+        )
+        .bind(&account)
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+        let held: Vec<String> = sim.users(&token).into_keys().collect();
+        assert_eq!(
+            mirror, held,
+            "the mirror claims exactly what Wazzup holds ({account})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn killed_at_any_point_a_restart_converges_without_resending_what_was_acknowledged() {
+    // 3 accounts x 250 users: 3 POSTs and a PATCH each, 12 requests in all.
+    for n in [1, 2, 5, 8, 11, 12] {
+        let db = TestDb::with_crm().await;
+        let sim = simulator().await;
+        three_accounts(&db, &sim, 250).await;
+        let env = env_for(&db, &sim, &[]);
+        let child = spawn(&["sync"], &env);
+        sim.signal_at_request(n, child.id().unwrap(), "KILL");
+        let out = child.wait_with_output().await.unwrap();
+        assert_eq!(
+            out.status.code(),
+            None,
+            "killed at request {n}: {}",
+            text(&out)
+        );
+
+        let acked: HashSet<(String, String)> = sqlx::query_as::<_, (String, String)>(
+            "SELECT account_id, user_id FROM wazzup_sync.mirror_users",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+        // Everything the mirror claims, Wazzup holds.
+        for (account, user) in &acked {
+            let token = format!("tok-{}", &account[1..]);
+            assert!(
+                sim.users(&token).contains_key(user),
+                "mirror claims {account}/{user} after kill at {n}"
+            );
+        }
+        sim.clear_requests();
+        let out = run_bin(&["sync"], &env).await;
+        assert!(out.status.success(), "{}", text(&out));
+        for r in sim.requests().iter().filter(|r| r.method == "POST") {
+            let account = format!("a{}", &r.token[4..]);
+            for id in &r.ids {
+                assert!(
+                    !acked.contains(&(account.clone(), id.clone())),
+                    "{account}/{id} was acknowledged before the kill at {n} and sent again"
+                );
+            }
+        }
+        sim.clear_requests();
+        let out = run_bin(&["sync"], &env).await;
+        assert!(out.status.success());
+        assert_eq!(sim.request_count(), 0, "converged after the kill at {n}");
+        assert_converged(&db, &sim).await;
+    }
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_request_in_flight_finish_and_records_it() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.add_users("a1", 300).await;
+    let env = env_for(&db, &sim, &[("WAZZUP_SYNC__HTTP__ENABLED", "false")]);
+    // The second POST is slow; SIGTERM arrives while it is in flight.
+    sim.push_fault(Some("POST"), None, Fault::Delay { ms: 0 });
+    sim.push_fault(Some("POST"), None, Fault::Delay { ms: 1500 });
+    let child = spawn(&["run"], &env);
+    sim.signal_at_request(2, child.id().unwrap(), "TERM");
+
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("stops within the grace period")
+        .unwrap();
+
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(text(&out).contains("Stopping: finishing the requests in flight"));
+    assert_eq!(
+        sim.users("tok-1").len(),
+        200,
+        "the request in flight landed"
+    );
+    assert_eq!(
+        db.mirror_count("a1").await,
+        200,
+        "and its result was recorded"
+    );
+    assert_eq!(sim.request_count(), 2, "no new work was started");
+    let out = run_bin(&["sync"], &env).await;
+    assert!(out.status.success());
+    assert_eq!(sim.users("tok-1").len(), 300);
+}
+
+#[tokio::test]
+async fn a_database_restart_mid_run_fails_a_cycle_cleanly_and_the_daemon_recovers() {
+    let Some(pg) = PrivatePg::start() else {
+        eprintln!("skipped: no initdb on this machine");
+        return;
+    };
+    let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    pool.execute(CRM_TABLES).await.unwrap();
+    pool.execute(
+        "INSERT INTO wazzup_accounts VALUES ('a1', 'tok-1', false);
+         INSERT INTO wazzup_users VALUES ('a1', 'u1', 'One', NULL, false);",
+    )
+    .await
+    .unwrap();
+    pool.close().await;
+    let sim = simulator().await;
+    sim.add_account("tok-1");
+    let env: Vec<(String, String)> = [
+        ("WAZZUP_SYNC__SOURCE__URL", pg.url()),
+        ("WAZZUP_SYNC__WAZZUP__BASE_URL", sim.url()),
+        ("WAZZUP_SYNC__SYNC__SCHEDULE", "*/1 * * * * *".into()),
+        ("WAZZUP_SYNC__HTTP__ENABLED", "false".into()),
+        ("WAZZUP_SYNC__LOG__FORMAT", "json".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let mut child = spawn(&["run"], &env);
+    for _ in 0..100 {
+        if sim.users("tok-1").contains_key("u1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(sim.users("tok-1").contains_key("u1"));
+
+    pg.stop_server();
+    // Longer than the 10 s a cycle waits for a connection, so a cycle fails meanwhile.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the daemon keeps running"
+    );
+    pg.start_server();
+    let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    pool.execute("INSERT INTO wazzup_users VALUES ('a1', 'u2', 'Two', NULL, false)")
+        .await
+        .unwrap();
+    let mut recovered = false;
+    for _ in 0..150 {
+        if sim.users("tok-1").contains_key("u2") {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.kill().await.unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(recovered, "the next cycle after the restart synced: {log}");
+    let failures: Vec<&str> = log.lines().filter(|l| l.contains("Cycle failed")).collect();
+    assert!(!failures.is_empty(), "{log}");
+    assert!(
+        failures
+            .iter()
+            .all(|l| l.starts_with('{') && l.contains("\"level\":\"ERROR\"")),
+        "{failures:?}"
+    );
+}
+
+#[tokio::test]
+async fn two_replicas_never_sync_one_account_at_once_and_take_over_from_each_other() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    for i in 1..=6 {
+        db.add_account(&format!("a{i}"), &format!("tok-{i}")).await;
+        sim.add_account(&format!("tok-{i}"));
+        db.add_users(&format!("a{i}"), 250).await;
+    }
+    // Slow answers make the two processes' cycles overlap.
+    for _ in 0..30 {
+        sim.push_fault(None, None, Fault::Delay { ms: 60 });
+    }
+    let env = env_for(
+        &db,
+        &sim,
+        &[
+            ("WAZZUP_SYNC__SYNC__SCHEDULE", "*/1 * * * * *"),
+            ("WAZZUP_SYNC__SYNC__CONCURRENCY", "2"),
+            ("WAZZUP_SYNC__HTTP__ENABLED", "false"),
+        ],
+    );
+    let mut a = spawn(&["run"], &env);
+    let mut b = spawn(&["run"], &env);
+    let all_done = |sim: &Simulator| (1..=6).all(|i| sim.users(&format!("tok-{i}")).len() == 250);
+    for _ in 0..200 {
+        if all_done(&sim) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(all_done(&sim));
+    // One replica dies; the other takes its accounts by the next cycle.
+    a.kill().await.unwrap();
+    db.exec("UPDATE wazzup_users SET name = name || ' (moved)' WHERE id = 'u1'")
+        .await;
+    for _ in 0..100 {
+        if (1..=6).all(|i| {
+            sim.users(&format!("tok-{i}"))["u1"]
+                .name
+                .ends_with("(moved)")
+        }) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.kill().await.unwrap();
+    let _ = a.wait().await;
+    let _ = b.wait().await;
+
+    let requests = sim.requests();
+    let mut per_token: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for r in &requests {
+        per_token
+            .entry(r.token.as_str())
+            .or_default()
+            .push(r.agent.as_str());
+    }
+    for (token, agents) in &per_token {
+        let mut runs: Vec<&str> = agents.clone();
+        runs.dedup();
+        let distinct: HashSet<&&str> = runs.iter().collect();
+        assert_eq!(
+            runs.len(),
+            distinct.len(),
+            "requests of {token} interleave between processes: {runs:?}"
+        );
+    }
+    for i in 1..=6 {
+        let users = sim.users(&format!("tok-{i}"));
+        assert_eq!(users.len(), 250);
+        assert!(
+            users["u1"].name.ends_with("(moved)"),
+            "account a{i} taken over"
+        );
+    }
+    let agents: HashSet<&str> = requests.iter().map(|r| r.agent.as_str()).collect();
+    eprintln!("requests by {} processes", agents.len());
+}
+
+#[tokio::test]
+async fn no_token_appears_in_anything_printed_or_stored_whatever_fails() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    let tokens = [
+        "tOk-SeCrEt-good-1",
+        "tOk-SeCrEt-refused-2",
+        "tOk-SeCrEt-flaky-3",
+    ];
+    for (i, t) in tokens.iter().enumerate() {
+        db.add_account(&format!("a{i}"), t).await;
+        db.add_users(&format!("a{i}"), 5).await;
+    }
+    sim.add_account(tokens[0]);
+    sim.add_account(tokens[2]);
+    sim.insert_users(
+        tokens[0],
+        &[UserPayload {
+            id: "x".into(),
+            name: "X".into(),
+            phone: Some("37120000003".into()),
+        }],
+    );
+    db.add_user("a0", "bad", "", None).await;
+    for f in [
+        Fault::Status {
+            status: 429,
+            body: String::new(),
+            retry_after: Some("0".into()),
+        },
+        Fault::Status {
+            status: 500,
+            body: "<html>oops</html>".into(),
+            retry_after: None,
+        },
+        Fault::Drop,
+        Fault::Status {
+            status: 400,
+            body: r#"{"error":"INVALID_USER_DATA","data":[{"index":0}]}"#.into(),
+            retry_after: None,
+        },
+    ] {
+        sim.push_fault(None, None, f);
+    }
+
+    let out = run_bin(&["sync"], &env_for(&db, &sim, &[("RUST_LOG", "debug")])).await;
+    let out2 = run_bin(&["check"], &env_for(&db, &sim, &[])).await;
+    let out3 = run_bin(
+        &["dead-letters", "list", "--format", "json"],
+        &env_for(&db, &sim, &[]),
+    )
+    .await;
+
+    let printed = format!("{}{}{}", text(&out), text(&out2), text(&out3));
+    assert!(
+        printed.contains("\"Account not synced\""),
+        "the refused account is reported: {printed}"
+    );
+    let stored: Vec<String> = sqlx::query_scalar(
+        "SELECT row_to_json(t)::text FROM wazzup_sync.accounts t
+         UNION ALL SELECT row_to_json(t)::text FROM wazzup_sync.dead_letters t
+         UNION ALL SELECT row_to_json(t)::text FROM wazzup_sync.mirror_users t",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(stored.len() > 5);
+    for t in tokens {
+        assert!(!printed.contains(t), "{t} printed");
+        assert!(
+            !printed.to_lowercase().contains(&t.to_lowercase()[4..]),
+            "{t} printed"
+        );
+        assert!(stored.iter().all(|row| !row.contains(t)), "{t} stored");
+    }
+}
+
+#[tokio::test]
+async fn the_crm_connection_is_read_only() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+
+    let out = run_bin(
+        &["sync"],
+        &env_for(
+            &db,
+            &sim,
+            &[(
+                "WAZZUP_SYNC__SOURCE__USERS_QUERY",
+                "WITH w AS (INSERT INTO wazzup_users VALUES ('a1', 'sneaky', 'Sneaky', NULL, false) RETURNING *) SELECT * FROM w",
+            )],
+        ),
+    )
+    .await;
+
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out).contains("read-only transaction"),
+        "{}",
+        text(&out)
+    );
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM wazzup_users")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "nothing was written to the CRM");
+}
+
+#[tokio::test]
+async fn hostile_crm_data_is_validated_and_never_breaks_a_cycle() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.exec(
+        "INSERT INTO wazzup_users VALUES
+            ('a1', NULL, NULL, NULL, NULL),
+            ('a1', 'sql', 'Robert''); DROP TABLE wazzup_users;--', NULL, NULL),
+            ('a1', 'rtl', E'\\u202Eevil\\u200B name', NULL, NULL),
+            ('a1', 'ctrl', E'line\\nbreak', E'+371\\t26', NULL),
+            ('a1', 'huge', repeat('x', 1000000), NULL, NULL),
+            ('a1', E'id\\u0007bell', 'Bell', NULL, NULL),
+            ('a1', 'ok', 'Fine', repeat('9', 40), true);
+         INSERT INTO wazzup_user_roles VALUES
+            ('a1', NULL, NULL, NULL, NULL),
+            ('a1', 'ok', 'ch', '  SELLER ', NULL);",
+    )
+    .await;
+
+    let out = run_bin(&["sync"], &env_for(&db, &sim, &[])).await;
+
+    assert!(out.status.success(), "{}", text(&out));
+    let users = sim.users("tok-1");
+    let ids: Vec<&str> = users.keys().map(String::as_str).collect();
+    assert_eq!(ids, ["ok", "rtl", "sql"]);
+    assert_eq!(users["sql"].name, "Robert'); DROP TABLE wazzup_users;--");
+    assert_eq!(users["ok"].phone, None, "a 40-digit phone is not a phone");
+    assert_eq!(
+        sim.settings("tok-1").hide_phone_numbers_for_user_ids,
+        ["ok"]
+    );
+    let dead = db.open_dead_letters().await;
+    let codes: BTreeMap<&str, &str> = dead
+        .iter()
+        .map(|d| (d.record_id.as_str(), d.error_code.as_str()))
+        .collect();
+    assert_eq!(codes["ctrl"], "invalid_name");
+    assert_eq!(codes["huge"], "invalid_name");
+    assert_eq!(codes["id\u{7}bell"], "invalid_id");
+    assert!(
+        dead.iter()
+            .all(|d| d.payload.as_ref().is_none_or(|p| p.len() < 2000))
+    );
+    // Every line printed is one JSON object: control characters never break a log line.
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|_| panic!("not JSON: {line}"));
+    }
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM wazzup_users")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 7);
+}
