@@ -52,6 +52,7 @@ fn waiting_set<'a>(
 pub fn plan_users<'a>(
     norm: &'a Normalized,
     mirror: &HashMap<String, String>,
+    pending: &HashSet<String>,
     open: &[OpenDeadLetter],
     now: DateTime<Utc>,
     delete_missing: bool,
@@ -77,8 +78,10 @@ pub fn plan_users<'a>(
     if delete_missing {
         let present: HashSet<&str> = norm.users.iter().map(|u| u.payload.id.as_str()).collect();
         let delete_waiting = waiting_set(open, "delete", now);
-        let mut deletes: Vec<String> = mirror
-            .keys()
+        // Users sent but never recorded may be in Wazzup too: they are deleted as well.
+        let known: HashSet<&String> = mirror.keys().chain(pending.iter()).collect();
+        let mut deletes: Vec<String> = known
+            .into_iter()
             .filter(|id| !present.contains(id.as_str()) && !norm.rejected_user_ids.contains(*id))
             .cloned()
             .collect();
@@ -209,6 +212,7 @@ mod tests {
         let p = plan_users(
             &n,
             &mirror,
+            &HashSet::new(),
             &[],
             Utc::now(),
             true,
@@ -218,7 +222,7 @@ mod tests {
         assert_eq!(p.updates[0].payload.id, "2");
         assert_eq!(p.creates[0].payload.id, "3");
         assert_eq!(p.deletes, ["9"]);
-        let p = plan_users(&n, &mirror, &[], Utc::now(), false, GUARD);
+        let p = plan_users(&n, &mirror, &HashSet::new(), &[], Utc::now(), false, GUARD);
         assert!(p.deletes.is_empty());
     }
 
@@ -227,12 +231,13 @@ mod tests {
         let n = norm(&[]);
         let mirror: HashMap<String, String> =
             (0..10).map(|i| (i.to_string(), "h".to_string())).collect();
-        let p = plan_users(&n, &mirror, &[], Utc::now(), true, GUARD);
+        let p = plan_users(&n, &mirror, &HashSet::new(), &[], Utc::now(), true, GUARD);
         assert_eq!(p.deletes_blocked, Some((10, 10)));
         assert!(p.deletes.is_empty());
         let p = plan_users(
             &n,
             &mirror,
+            &HashSet::new(),
             &[],
             Utc::now(),
             true,
@@ -260,6 +265,7 @@ mod tests {
         let p = plan_users(
             &n,
             &HashMap::new(),
+            &HashSet::new(),
             &[dl(&n.users[0].hash, 60)],
             Utc::now(),
             true,
@@ -269,6 +275,7 @@ mod tests {
         let p = plan_users(
             &n,
             &HashMap::new(),
+            &HashSet::new(),
             &[dl("other", 60)],
             Utc::now(),
             true,
@@ -278,6 +285,7 @@ mod tests {
         let p = plan_users(
             &n,
             &HashMap::new(),
+            &HashSet::new(),
             &[dl(&n.users[0].hash, -1)],
             Utc::now(),
             true,

@@ -227,6 +227,13 @@ impl Simulator {
         s.signal_at = Some((at, pid, signal));
     }
 
+    /// Drops every queued fault and any pending signal.
+    pub fn clear_faults(&self) {
+        let mut s = self.lock();
+        s.faults.script.clear();
+        s.signal_at = None;
+    }
+
     /// Makes every request with this token answer 401 (or stop doing so).
     pub fn set_unauthorized(&self, token: &str, on: bool) {
         let mut s = self.lock();

@@ -177,6 +177,40 @@ pub async fn load_mirror(
     Ok(rows.into_iter().collect())
 }
 
+/// Notes users about to be sent, before the request: if the process dies before recording the
+/// answer, the next cycle still knows they may be in Wazzup.
+pub async fn mark_pending(
+    pool: &PgPool,
+    account_id: &str,
+    ids: &[String],
+) -> Result<(), sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO pending_users (account_id, user_id) SELECT $1, u FROM UNNEST($2::text[]) AS u
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(account_id)
+    .bind(ids)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Users sent earlier whose answer was never recorded.
+pub async fn load_pending(
+    pool: &PgPool,
+    account_id: &str,
+) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT user_id FROM pending_users WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_all(pool)
+            .await?;
+    Ok(ids.into_iter().collect())
+}
+
 /// Records users Wazzup acknowledged, in one statement.
 pub async fn upsert_mirror(
     pool: &PgPool,
@@ -188,7 +222,10 @@ pub async fn upsert_mirror(
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO mirror_users (account_id, user_id, hash, synced_at)
+        "WITH done AS (
+            DELETE FROM pending_users WHERE account_id = $1 AND user_id = ANY($2)
+         )
+         INSERT INTO mirror_users (account_id, user_id, hash, synced_at)
          SELECT $1, u.id, u.hash, now() FROM UNNEST($2::text[], $3::text[]) AS u(id, hash)
          ON CONFLICT (account_id, user_id) DO UPDATE SET hash = EXCLUDED.hash, synced_at = now()",
     )
@@ -209,11 +246,16 @@ pub async fn delete_mirror(
     if ids.is_empty() {
         return Ok(());
     }
-    sqlx::query("DELETE FROM mirror_users WHERE account_id = $1 AND user_id = ANY($2)")
-        .bind(account_id)
-        .bind(ids)
-        .execute(pool)
-        .await?;
+    sqlx::query(
+        "WITH done AS (
+            DELETE FROM pending_users WHERE account_id = $1 AND user_id = ANY($2)
+         )
+         DELETE FROM mirror_users WHERE account_id = $1 AND user_id = ANY($2)",
+    )
+    .bind(account_id)
+    .bind(ids)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

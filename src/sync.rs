@@ -325,9 +325,10 @@ impl Engine {
         opts: &CycleOptions,
         report: &mut AccountReport,
     ) -> Result<AccountOutcome, sqlx::Error> {
-        let (mirror, open, acct_state) = if mirror_exists {
+        let (mirror, pending, open, acct_state) = if mirror_exists {
             (
                 state::load_mirror(&self.state, &account.account_id).await?,
+                state::load_pending(&self.state, &account.account_id).await?,
                 state::open_dead_letters(&self.state, &account.account_id).await?,
                 state::load_account(&self.state, &account.account_id).await?,
             )
@@ -338,6 +339,7 @@ impl Engine {
         let p = plan::plan_users(
             norm,
             &mirror,
+            &pending,
             &open,
             now,
             self.settings.sync.delete_missing,
@@ -492,10 +494,12 @@ impl Engine {
         }
 
         let mut mirror = state::load_mirror(&self.state, id).await?;
+        let pending = state::load_pending(&self.state, id).await?;
         let now = Utc::now();
         let p = plan::plan_users(
             norm,
             &mirror,
+            &pending,
             &open,
             now,
             self.settings.sync.delete_missing,
@@ -638,7 +642,7 @@ impl Engine {
 
         // 3. Deletes, after the settings stopped referencing them.
         if stop.is_none() && !deletes.is_empty() {
-            let (deleted, s) = self.delete_users(&acct, &deletes, report).await?;
+            let (deleted, s) = self.delete_users(&acct, &deletes, &mirror, report).await?;
             report.deleted = deleted;
             stop = s;
         }
@@ -848,129 +852,171 @@ impl Engine {
             due.chunks(batch_size).rev().map(|c| c.to_vec()).collect();
         let mut limit_error: Option<(u16, String, String)> = None;
         let mut progress = Progress::new(id, due.len());
-        while let Some(mut batch) = stack.pop() {
-            if let Some((status, code, description)) = &limit_error {
-                // The account is full: creates wait, updates still go.
-                let (updates, creates): (Vec<_>, Vec<_>) = batch
-                    .into_iter()
-                    .partition(|u| in_mirror.contains(u.payload.id.as_str()));
-                let dead: Vec<RemoteRejection> = creates
+        // Phones refused as taken may be freed by other users of the same cycle (two users
+        // swapping phones): those get one more try once the rest has landed.
+        let mut held: Vec<RemoteRejection> = Vec::new();
+        let mut second_round = false;
+        loop {
+            while let Some(mut batch) = stack.pop() {
+                if let Some((status, code, description)) = &limit_error {
+                    // The account is full: creates wait, updates still go.
+                    let (updates, creates): (Vec<_>, Vec<_>) = batch
+                        .into_iter()
+                        .partition(|u| in_mirror.contains(u.payload.id.as_str()));
+                    let dead: Vec<RemoteRejection> = creates
+                        .iter()
+                        .map(|u| user_rejection(u, *status, code, description))
+                        .collect();
+                    out.rejected += dead.len();
+                    report.rejected_remotely += dead.len();
+                    state::record_rejected(&self.state, id, &dead).await?;
+                    batch = updates;
+                    if batch.is_empty() {
+                        continue;
+                    }
+                }
+                if self.stopping() {
+                    out.stop = Some(Stop::Shutdown);
+                    break;
+                }
+                let payloads: Vec<UserPayload> = batch.iter().map(|u| u.payload.clone()).collect();
+                let sending: Vec<String> = batch
                     .iter()
-                    .map(|u| user_rejection(u, *status, code, description))
+                    .filter(|u| !in_mirror.contains(u.payload.id.as_str()))
+                    .map(|u| u.payload.id.clone())
                     .collect();
-                out.rejected += dead.len();
-                report.rejected_remotely += dead.len();
-                state::record_rejected(&self.state, id, &dead).await?;
-                batch = updates;
-                if batch.is_empty() {
-                    continue;
+                state::mark_pending(&self.state, id, &sending).await?;
+                match self.client.post_users(acct, &payloads).await {
+                    Ok(processed) => {
+                        let landed = match processed {
+                            Some(n) if (n as usize) < batch.len() => {
+                                tracing::warn!(
+                                    sent = batch.len(),
+                                    processed = n,
+                                    "Wazzup processed fewer users than sent; checking which landed"
+                                );
+                                match self.confirm_landed(acct, &batch).await {
+                                    Ok(l) => l,
+                                    Err(ApiError::Unauthorized { status }) => {
+                                        out.stop = Some(Stop::Auth(status));
+                                        break;
+                                    }
+                                    Err(e) => {
+                                        out.stop = Some(Stop::Transient(format!(
+                                            "could not confirm a partial batch: {e}"
+                                        )));
+                                        break;
+                                    }
+                                }
+                            }
+                            _ => batch.clone(),
+                        };
+                        let ids: Vec<String> =
+                            landed.iter().map(|u| u.payload.id.clone()).collect();
+                        let hashes: Vec<String> = landed.iter().map(|u| u.hash.clone()).collect();
+                        state::upsert_mirror(&self.state, id, &ids, &hashes).await?;
+                        state::resolve(&self.state, id, Entity::User, &ids, "synced").await?;
+                        progress.add(landed.len());
+                        out.acked.extend(ids.into_iter().zip(hashes));
+                    }
+                    Err(ApiError::Unauthorized { status }) => {
+                        out.stop = Some(Stop::Auth(status));
+                        break;
+                    }
+                    Err(ApiError::Transient { reason, .. }) => {
+                        out.stop = Some(Stop::Transient(format!("users not pushed: {reason}")));
+                        break;
+                    }
+                    Err(e @ ApiError::Rejected { .. }) => {
+                        let ApiError::Rejected {
+                            status,
+                            ref code,
+                            ref description,
+                            ref indexes,
+                        } = e
+                        else {
+                            unreachable!()
+                        };
+                        if e.code_is("USER_LIMIT_EXCEEDED")
+                            && limit_error.is_none()
+                            && batch.len() == 1
+                        {
+                            tracing::error!(code = %code, "The account reached Wazzup's user limit; no more users are created this cycle");
+                            limit_error = Some((status, code.clone(), description.clone()));
+                        }
+                        // The limit is about the account, not the records: never single out by index.
+                        let indexes: &[usize] = if e.code_is("USER_LIMIT_EXCEEDED") {
+                            &[]
+                        } else {
+                            indexes
+                        };
+                        match plan::split_step(batch.len(), indexes) {
+                            SplitStep::Alone
+                                if !second_round && e.code_is("USER_ALREADY_EXISTS") =>
+                            {
+                                held.push(user_rejection(batch[0], status, code, description));
+                            }
+                            SplitStep::Alone => {
+                                let r = user_rejection(batch[0], status, code, description);
+                                tracing::warn!(record_id = ?r.record_id, code = %code, description = %crate::domain::mask_digits(description),
+                                http_status = status, "Wazzup refused a user");
+                                out.rejected += 1;
+                                report.rejected_remotely += 1;
+                                state::record_rejected(&self.state, id, &[r]).await?;
+                            }
+                            SplitStep::Named(idx) => {
+                                let named: HashSet<usize> = idx.into_iter().collect();
+                                let mut rest = Vec::new();
+                                let mut dead = Vec::new();
+                                for (i, u) in batch.into_iter().enumerate() {
+                                    if named.contains(&i) {
+                                        dead.push(user_rejection(u, status, code, description));
+                                    } else {
+                                        rest.push(u);
+                                    }
+                                }
+                                for r in &dead {
+                                    tracing::warn!(record_id = ?r.record_id, code = %code, description = %crate::domain::mask_digits(description),
+                                    http_status = status, "Wazzup refused a user");
+                                }
+                                out.rejected += dead.len();
+                                report.rejected_remotely += dead.len();
+                                state::record_rejected(&self.state, id, &dead).await?;
+                                if !rest.is_empty() {
+                                    stack.push(rest);
+                                }
+                            }
+                            SplitStep::Halve(mid) => {
+                                let second = batch.split_off(mid);
+                                stack.push(second);
+                                stack.push(batch);
+                            }
+                        }
+                    }
                 }
             }
-            if self.stopping() {
-                out.stop = Some(Stop::Shutdown);
+            if held.is_empty() {
                 break;
             }
-            let payloads: Vec<UserPayload> = batch.iter().map(|u| u.payload.clone()).collect();
-            match self.client.post_users(acct, &payloads).await {
-                Ok(processed) => {
-                    let landed = match processed {
-                        Some(n) if (n as usize) < batch.len() => {
-                            tracing::warn!(
-                                sent = batch.len(),
-                                processed = n,
-                                "Wazzup processed fewer users than sent; checking which landed"
-                            );
-                            match self.confirm_landed(acct, &batch).await {
-                                Ok(l) => l,
-                                Err(ApiError::Unauthorized { status }) => {
-                                    out.stop = Some(Stop::Auth(status));
-                                    break;
-                                }
-                                Err(e) => {
-                                    out.stop = Some(Stop::Transient(format!(
-                                        "could not confirm a partial batch: {e}"
-                                    )));
-                                    break;
-                                }
-                            }
-                        }
-                        _ => batch.clone(),
-                    };
-                    let ids: Vec<String> = landed.iter().map(|u| u.payload.id.clone()).collect();
-                    let hashes: Vec<String> = landed.iter().map(|u| u.hash.clone()).collect();
-                    state::upsert_mirror(&self.state, id, &ids, &hashes).await?;
-                    state::resolve(&self.state, id, Entity::User, &ids, "synced").await?;
-                    progress.add(landed.len());
-                    out.acked.extend(ids.into_iter().zip(hashes));
-                }
-                Err(ApiError::Unauthorized { status }) => {
-                    out.stop = Some(Stop::Auth(status));
-                    break;
-                }
-                Err(ApiError::Transient { reason, .. }) => {
-                    out.stop = Some(Stop::Transient(format!("users not pushed: {reason}")));
-                    break;
-                }
-                Err(e @ ApiError::Rejected { .. }) => {
-                    let ApiError::Rejected {
-                        status,
-                        ref code,
-                        ref description,
-                        ref indexes,
-                    } = e
-                    else {
-                        unreachable!()
-                    };
-                    if e.code_is("USER_LIMIT_EXCEEDED") && limit_error.is_none() && batch.len() == 1
-                    {
-                        tracing::error!(code = %code, "The account reached Wazzup's user limit; no more users are created this cycle");
-                        limit_error = Some((status, code.clone(), description.clone()));
-                    }
-                    // The limit is about the account, not the records: never single out by index.
-                    let indexes: &[usize] = if e.code_is("USER_LIMIT_EXCEEDED") {
-                        &[]
-                    } else {
-                        indexes
-                    };
-                    match plan::split_step(batch.len(), indexes) {
-                        SplitStep::Alone => {
-                            let r = user_rejection(batch[0], status, code, description);
-                            tracing::warn!(record_id = ?r.record_id, code = %code, description = %crate::domain::mask_digits(description),
-                                http_status = status, "Wazzup refused a user");
-                            out.rejected += 1;
-                            report.rejected_remotely += 1;
-                            state::record_rejected(&self.state, id, &[r]).await?;
-                        }
-                        SplitStep::Named(idx) => {
-                            let named: HashSet<usize> = idx.into_iter().collect();
-                            let mut rest = Vec::new();
-                            let mut dead = Vec::new();
-                            for (i, u) in batch.into_iter().enumerate() {
-                                if named.contains(&i) {
-                                    dead.push(user_rejection(u, status, code, description));
-                                } else {
-                                    rest.push(u);
-                                }
-                            }
-                            for r in &dead {
-                                tracing::warn!(record_id = ?r.record_id, code = %code, description = %crate::domain::mask_digits(description),
-                                    http_status = status, "Wazzup refused a user");
-                            }
-                            out.rejected += dead.len();
-                            report.rejected_remotely += dead.len();
-                            state::record_rejected(&self.state, id, &dead).await?;
-                            if !rest.is_empty() {
-                                stack.push(rest);
-                            }
-                        }
-                        SplitStep::Halve(mid) => {
-                            let second = batch.split_off(mid);
-                            stack.push(second);
-                            stack.push(batch);
-                        }
-                    }
-                }
+            if !second_round && out.stop.is_none() && !out.acked.is_empty() {
+                second_round = true;
+                let again: HashSet<String> = held.drain(..).map(|r| r.record_id).collect();
+                let retry: Vec<&ValidUser> = due
+                    .iter()
+                    .copied()
+                    .filter(|u| again.contains(&u.payload.id))
+                    .collect();
+                stack = retry.chunks(batch_size).rev().map(|c| c.to_vec()).collect();
+                continue;
             }
+            for r in &held {
+                tracing::warn!(record_id = ?r.record_id, code = %r.code,
+                description = %crate::domain::mask_digits(&r.message), "Wazzup refused a user");
+            }
+            out.rejected += held.len();
+            report.rejected_remotely += held.len();
+            state::record_rejected(&self.state, id, &held).await?;
+            break;
         }
         Ok(out)
     }
@@ -1005,6 +1051,7 @@ impl Engine {
         &self,
         acct: &Account<'_>,
         ids: &[String],
+        mirror: &HashMap<String, String>,
         report: &mut AccountReport,
     ) -> Result<(usize, Option<Stop>), sqlx::Error> {
         let id = acct.account_id;
@@ -1041,6 +1088,13 @@ impl Engine {
                     description,
                     indexes,
                 }) => match plan::split_step(batch.len(), &indexes) {
+                    SplitStep::Alone | SplitStep::Named(_)
+                        if batch.len() == 1 && !mirror.contains_key(&batch[0]) =>
+                    {
+                        // Sent once but never recorded, and Wazzup does not want to delete it:
+                        // it most likely never landed. Forget it.
+                        state::delete_mirror(&self.state, id, &batch).await?;
+                    }
                     SplitStep::Alone | SplitStep::Named(_) if batch.len() == 1 => {
                         report.rejected_remotely += 1;
                         tracing::warn!(record_id = ?batch[0], code = %code, "Wazzup refused to delete a user");
