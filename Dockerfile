@@ -29,7 +29,7 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin wazzup
+    && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin wazzup
 COPY --from=binary /wazzup-sync /usr/local/bin/wazzup-sync
 USER 10001
 # Every setting comes from WAZZUP_SYNC__* variables; the defaults are built in.

@@ -143,7 +143,7 @@ async fn try_main(cli: Cli) -> ExitCode {
                     sim.add_account(t);
                 }
                 println!("Wazzup simulator listening on {}", sim.url());
-                tokio::signal::ctrl_c().await?;
+                app::shutdown_signal().await;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Demo {
