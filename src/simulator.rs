@@ -76,6 +76,26 @@ pub struct Faults {
     /// Answer 401 for these tokens.
     #[serde(default)]
     pub unauthorized_tokens: Vec<String>,
+    /// Random errors: each matching request fails with this probability.
+    #[serde(default)]
+    pub error_rates: Vec<ErrorRate>,
+    /// Added to every answer, milliseconds.
+    #[serde(default)]
+    pub latency_ms: u64,
+}
+
+/// A share of the requests to an endpoint that fail with a status.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ErrorRate {
+    #[serde(default)]
+    pub method: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    /// 0.0..=1.0
+    pub rate: f64,
+    pub status: u16,
+    #[serde(default)]
+    pub retry_after: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -96,6 +116,7 @@ struct SimState {
     faults: Faults,
     /// Send this signal to this process when the n-th request arrives (before answering it).
     signal_at: Option<(usize, u32, &'static str)>,
+    rng: Option<rand::rngs::StdRng>,
 }
 
 type Shared = Arc<Mutex<SimState>>;
@@ -227,11 +248,42 @@ impl Simulator {
         s.signal_at = Some((at, pid, signal));
     }
 
-    /// Drops every queued fault and any pending signal.
+    /// Drops every queued fault, error rate, latency and pending signal.
     pub fn clear_faults(&self) {
         let mut s = self.lock();
-        s.faults.script.clear();
+        let tokens = std::mem::take(&mut s.faults.unauthorized_tokens);
+        s.faults = Faults {
+            unauthorized_tokens: tokens,
+            ..Default::default()
+        };
         s.signal_at = None;
+    }
+
+    /// Makes a share of the requests matching `method` and `path` (None: any) fail with
+    /// `status`, drawn from a seeded generator so runs repeat.
+    pub fn set_error_rate(
+        &self,
+        method: Option<&str>,
+        path: Option<&str>,
+        rate: f64,
+        status: u16,
+        seed: u64,
+    ) {
+        use rand::SeedableRng;
+        let mut s = self.lock();
+        s.rng = Some(rand::rngs::StdRng::seed_from_u64(seed));
+        s.faults.error_rates.push(ErrorRate {
+            method: method.map(str::to_string),
+            path: path.map(str::to_string),
+            rate,
+            status,
+            retry_after: (status == 429).then(|| "0".to_string()),
+        });
+    }
+
+    /// Adds latency to every answer.
+    pub fn set_latency(&self, ms: u64) {
+        self.lock().faults.latency_ms = ms;
     }
 
     /// Makes every request with this token answer 401 (or stop doing so).
@@ -331,9 +383,42 @@ fn gate(
             .is_none_or(|m| m.eq_ignore_ascii_case(method.as_str()))
             && f.path.as_deref().is_none_or(|p| path.starts_with(p))
     });
-    let fault = fault_pos
+    let mut fault = fault_pos
         .and_then(|i| s.faults.script.remove(i))
         .map(|f| f.fault);
+    if fault.is_none() {
+        let matching: Vec<ErrorRate> = s
+            .faults
+            .error_rates
+            .iter()
+            .filter(|r| {
+                r.method
+                    .as_deref()
+                    .is_none_or(|m| m.eq_ignore_ascii_case(method.as_str()))
+                    && r.path.as_deref().is_none_or(|p| path.starts_with(p))
+            })
+            .cloned()
+            .collect();
+        for r in matching {
+            let draw: f64 = match s.rng.as_mut() {
+                Some(rng) => rand::Rng::random(rng),
+                None => rand::random(),
+            };
+            if draw < r.rate {
+                fault = Some(Fault::Status {
+                    status: r.status,
+                    body: String::new(),
+                    retry_after: r.retry_after.clone(),
+                });
+                break;
+            }
+        }
+    }
+    if s.faults.latency_ms > 0 && fault.is_none() {
+        fault = Some(Fault::Delay {
+            ms: s.faults.latency_ms,
+        });
+    }
     let unauthorized = token.is_empty()
         || s.faults.unauthorized_tokens.contains(&token)
         || (!s.accounts.contains_key(&token) && !s.open_registration);

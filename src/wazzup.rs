@@ -481,6 +481,15 @@ impl WazzupClient {
         }
     }
 
+    /// True while a recent 429 keeps this token at the reduced rate.
+    pub fn is_slowed(&self, token: &SecretString) -> bool {
+        self.slowed_until
+            .lock()
+            .expect("slowdown map")
+            .get(&token_fingerprint(token))
+            .is_some_and(|until| *until > Instant::now())
+    }
+
     fn slow_down(&self, key: &str) {
         self.slowed_until
             .lock()

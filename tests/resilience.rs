@@ -470,3 +470,93 @@ async fn hostile_crm_data_is_validated_and_never_breaks_a_cycle() {
         .unwrap();
     assert_eq!(n, 7);
 }
+
+#[tokio::test]
+async fn a_429_slows_its_token_down_and_only_its_token() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    sim.add_account("tok-a");
+    sim.add_account("tok-b");
+    let settings = settings(&db, &sim, &[]);
+    let client = wazzup_sync::wazzup::WazzupClient::new(&settings).unwrap();
+    let stats = wazzup_sync::wazzup::RequestStats::default();
+    let (a, b) = (
+        secrecy::SecretString::from("tok-a"),
+        secrecy::SecretString::from("tok-b"),
+    );
+    let acct = |t| wazzup_sync::wazzup::Account {
+        account_id: "x",
+        token: t,
+        stats: &stats,
+    };
+    sim.push_fault(
+        None,
+        None,
+        Fault::Status {
+            status: 429,
+            body: String::new(),
+            retry_after: Some("0".into()),
+        },
+    );
+
+    client.get_users_page(&acct(&a), 0, 1).await.unwrap();
+    client.get_users_page(&acct(&b), 0, 1).await.unwrap();
+
+    assert_eq!(stats.retries(), 1, "the 429 was retried");
+    assert!(
+        client.is_slowed(&a),
+        "the throttled token is slowed down for a while"
+    );
+    assert!(!client.is_slowed(&b), "other tokens keep their pace");
+}
+
+#[tokio::test]
+async fn a_refused_token_is_tried_again_once_the_cool_down_has_passed() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    db.add_users("a1", 2).await;
+    let report = sync(&db, &sim, &[]).await;
+    assert!(matches!(
+        report.accounts[0].outcome,
+        wazzup_sync::sync::AccountOutcome::AuthFailed(_)
+    ));
+
+    // The account is granted access in Wazzup; the same token works after the cool-down.
+    sim.add_account("tok-1");
+    let report = sync(
+        &db,
+        &sim,
+        &[("WAZZUP_SYNC__WAZZUP__AUTH_COOLDOWN_SECS", "0")],
+    )
+    .await;
+
+    assert!(report.all_ok(), "{report:?}");
+    assert_eq!(sim.users("tok-1").len(), 2);
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM wazzup_sync.accounts WHERE account_id = 'a1'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "ok");
+}
+
+#[tokio::test]
+async fn a_steady_error_rate_costs_retries_not_records() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    three_accounts(&db, &sim, 300).await;
+    sim.set_error_rate(Some("POST"), Some("/v2/users"), 0.3, 503, 11);
+    sim.set_error_rate(Some("PATCH"), None, 0.3, 429, 12);
+
+    let first = sync(&db, &sim, &[]).await;
+    sim.clear_faults();
+    sync(&db, &sim, &[]).await;
+
+    assert!(first.accounts.iter().map(|a| a.retries).sum::<u64>() > 0);
+    assert!(
+        db.open_dead_letters().await.is_empty(),
+        "transient faults never make dead letters"
+    );
+    assert_converged(&db, &sim).await;
+}
