@@ -146,6 +146,22 @@ pub struct ValidUser {
     pub payload: UserPayload,
     pub hash: String,
     pub hide_phone: bool,
+    /// The region and CRM text the phone was read from (the phone cache's key).
+    pub phone_source: Option<String>,
+    /// Whether libphonenumber knows the phone's range.
+    pub phone_valid: bool,
+}
+
+/// Phones read in earlier cycles, by user id: (phone source, international digits or None
+/// when unreadable, valid). A phone whose source is unchanged is not parsed again.
+pub type PhoneCache = HashMap<String, (String, Option<String>, bool)>;
+
+/// The key under which a phone's reading is cached: the region matters to the result.
+pub fn phone_source(raw: &str, region: Option<Region>) -> String {
+    format!(
+        "{}|{raw}",
+        region.map(|r| r.as_ref().to_string()).unwrap_or_default()
+    )
 }
 
 /// One account's CRM rows after normalization.
@@ -375,6 +391,7 @@ pub fn normalize_account(
     users: &[SourceUser],
     roles: &[SourceRole],
     opts: &NormalizeOptions,
+    cache: &PhoneCache,
 ) -> Normalized {
     let mut out = Normalized::default();
 
@@ -434,17 +451,31 @@ pub fn normalize_account(
                 continue;
             }
         };
-        let phone = match u.phone.as_deref().map(|p| normalize_phone(p, opts.region)) {
-            None | Some(Phone::Missing) => None,
-            Some(Phone::Unreadable) => {
+        let source = u.phone.as_deref().map(|p| phone_source(p, opts.region));
+        let reading = match (&u.phone, &source) {
+            (Some(raw), Some(key)) => match cache.get(&id) {
+                Some((cached_key, digits, valid)) if cached_key == key => match digits {
+                    Some(d) => Phone::Parsed {
+                        digits: d.clone(),
+                        valid: *valid,
+                    },
+                    None => Phone::Unreadable,
+                },
+                _ => normalize_phone(raw, opts.region),
+            },
+            _ => Phone::Missing,
+        };
+        let (phone, phone_valid) = match reading {
+            Phone::Missing => (None, false),
+            Phone::Unreadable => {
                 out.phone_warnings += 1;
-                None
+                (None, false)
             }
-            Some(Phone::Parsed { digits, valid }) => {
+            Phone::Parsed { digits, valid } => {
                 if !valid {
                     out.phone_not_valid += 1;
                 }
-                Some(digits)
+                (Some(digits), valid)
             }
         };
         let payload = UserPayload { id, name, phone };
@@ -452,6 +483,8 @@ pub fn normalize_account(
             hash: payload.hash(),
             payload,
             hide_phone: u.hide_phone.unwrap_or(false),
+            phone_source: source,
+            phone_valid,
         });
     }
 
@@ -665,6 +698,7 @@ mod tests {
             ],
             &[],
             &ru(),
+            &PhoneCache::new(),
         );
         let ids: Vec<_> = n.users.iter().map(|u| u.payload.id.as_str()).collect();
         assert_eq!(ids, ["1", "2"]);
@@ -674,8 +708,45 @@ mod tests {
     }
 
     #[test]
+    fn an_unchanged_phone_is_taken_from_the_cache_and_a_changed_one_is_read_again() {
+        let mut cache = PhoneCache::new();
+        let key = phone_source("+371 26 123 456", Some(Region::RU));
+        // A cached reading that parsing would never give, to prove the cache was used.
+        cache.insert("1".into(), (key, Some("37100000000".into()), true));
+        let n = normalize_account(
+            &[user("1", "A", Some("+371 26 123 456"))],
+            &[],
+            &ru(),
+            &cache,
+        );
+        assert_eq!(n.users[0].payload.phone.as_deref(), Some("37100000000"));
+        let n = normalize_account(
+            &[user("1", "A", Some("+371 26 123 457"))],
+            &[],
+            &ru(),
+            &cache,
+        );
+        assert_eq!(n.users[0].payload.phone.as_deref(), Some("37126123457"));
+        let lv = NormalizeOptions {
+            region: Some(Region::LV),
+            role_map: BTreeMap::new(),
+        };
+        let n = normalize_account(&[user("1", "A", Some("+371 26 123 456"))], &[], &lv, &cache);
+        assert_eq!(
+            n.users[0].payload.phone.as_deref(),
+            Some("37126123456"),
+            "another region, another key"
+        );
+    }
+
+    #[test]
     fn an_unreadable_phone_is_left_out_and_counted() {
-        let n = normalize_account(&[user("1", "A", Some("n/a"))], &[], &ru());
+        let n = normalize_account(
+            &[user("1", "A", Some("n/a"))],
+            &[],
+            &ru(),
+            &PhoneCache::new(),
+        );
         assert_eq!(n.users[0].payload.phone, None);
         assert_eq!(n.phone_warnings, 1);
         assert!(n.rejected.is_empty());
@@ -690,6 +761,7 @@ mod tests {
             ],
             &[],
             &ru(),
+            &PhoneCache::new(),
         );
         assert_eq!(n.users.len(), 1);
         assert_eq!(n.users[0].payload.id, "9");
@@ -708,6 +780,7 @@ mod tests {
             ],
             &[role("1", "ch", "seller")],
             &ru(),
+            &PhoneCache::new(),
         );
         assert_eq!(n.users.len(), 1);
         let dups: Vec<_> = n
@@ -739,6 +812,7 @@ mod tests {
                 role("7", "c1", "seller"),
             ],
             &opts,
+            &PhoneCache::new(),
         );
         assert_eq!(n.roles.len(), 2);
         assert_eq!(n.roles[1].role, Role::Manager);
@@ -759,6 +833,7 @@ mod tests {
                 role("1", "c2", "auditor"),
             ],
             &ru(),
+            &PhoneCache::new(),
         );
         assert_eq!(n.roles.len(), 1);
         assert_eq!(n.roles[0].channel_id, "c2");
@@ -779,6 +854,7 @@ mod tests {
             ],
             &[],
             &ru(),
+            &PhoneCache::new(),
         );
         assert_eq!(n.users.len(), 2, "SQL-looking and bidi names are data");
         assert_eq!(n.rejected.len(), 3);

@@ -193,7 +193,12 @@ mod tests {
                 ..Default::default()
             })
             .collect();
-        normalize_account(&users, &roles, &NormalizeOptions::default())
+        normalize_account(
+            &users,
+            &roles,
+            &NormalizeOptions::default(),
+            &Default::default(),
+        )
     }
 
     const GUARD: DeleteGuard = DeleteGuard {

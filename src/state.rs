@@ -211,27 +211,63 @@ pub async fn load_pending(
     Ok(ids.into_iter().collect())
 }
 
+/// The phones read in earlier cycles, for normalization to reuse.
+pub async fn load_phone_cache(
+    pool: &PgPool,
+    account_id: &str,
+) -> Result<crate::domain::PhoneCache, sqlx::Error> {
+    type Row = (String, String, Option<String>, Option<bool>);
+    let rows: Result<Vec<Row>, _> = sqlx::query_as(
+        "SELECT user_id, phone_source, phone, phone_valid FROM mirror_users
+         WHERE account_id = $1 AND phone_source IS NOT NULL",
+    )
+    .bind(account_id)
+    .fetch_all(pool)
+    .await;
+    match rows {
+        Ok(rows) => Ok(rows
+            .into_iter()
+            .map(|(id, source, phone, valid)| (id, (source, phone, valid.unwrap_or(false))))
+            .collect()),
+        // A dry run against a schema not yet migrated this far: nothing cached.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42703") => {
+            Ok(Default::default())
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Records users Wazzup acknowledged, in one statement.
 pub async fn upsert_mirror(
     pool: &PgPool,
     account_id: &str,
-    ids: &[String],
-    hashes: &[String],
+    users: &[&crate::domain::ValidUser],
 ) -> Result<(), sqlx::Error> {
-    if ids.is_empty() {
+    if users.is_empty() {
         return Ok(());
     }
+    let ids: Vec<&str> = users.iter().map(|u| u.payload.id.as_str()).collect();
+    let hashes: Vec<&str> = users.iter().map(|u| u.hash.as_str()).collect();
+    let sources: Vec<Option<&str>> = users.iter().map(|u| u.phone_source.as_deref()).collect();
+    let phones: Vec<Option<&str>> = users.iter().map(|u| u.payload.phone.as_deref()).collect();
+    let valid: Vec<bool> = users.iter().map(|u| u.phone_valid).collect();
     sqlx::query(
         "WITH done AS (
             DELETE FROM pending_users WHERE account_id = $1 AND user_id = ANY($2)
          )
-         INSERT INTO mirror_users (account_id, user_id, hash, synced_at)
-         SELECT $1, u.id, u.hash, now() FROM UNNEST($2::text[], $3::text[]) AS u(id, hash)
-         ON CONFLICT (account_id, user_id) DO UPDATE SET hash = EXCLUDED.hash, synced_at = now()",
+         INSERT INTO mirror_users (account_id, user_id, hash, synced_at, phone_source, phone, phone_valid)
+         SELECT $1, u.id, u.hash, now(), u.source, u.phone, u.valid
+         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
+              AS u(id, hash, source, phone, valid)
+         ON CONFLICT (account_id, user_id) DO UPDATE SET hash = EXCLUDED.hash, synced_at = now(),
+            phone_source = EXCLUDED.phone_source, phone = EXCLUDED.phone, phone_valid = EXCLUDED.phone_valid",
     )
     .bind(account_id)
     .bind(ids)
     .bind(hashes)
+    .bind(sources)
+    .bind(phones)
+    .bind(valid)
     .execute(pool)
     .await?;
     Ok(())

@@ -280,7 +280,16 @@ impl Engine {
                     let mut report = AccountReport::new(&account.account_id);
                     report.users_read = users.len();
                     report.roles_read = roles.len();
-                    let norm = normalize_account(&users, &roles, &self.normalize);
+                    // Phones read in earlier cycles are not parsed again.
+                    let cache = if mirror_exists {
+                        state::load_phone_cache(&self.state, &account.account_id)
+                            .await
+                            .unwrap_or_default()
+                    } else {
+                        Default::default()
+                    };
+                    let norm = normalize_account(&users, &roles, &self.normalize, &cache);
+                    drop(cache);
                     drop((users, roles));
                     let outcome = if opts.dry_run {
                         self.plan_account(&account, &norm, mirror_exists, opts, &mut report)
@@ -914,7 +923,7 @@ impl Engine {
                         let ids: Vec<String> =
                             landed.iter().map(|u| u.payload.id.clone()).collect();
                         let hashes: Vec<String> = landed.iter().map(|u| u.hash.clone()).collect();
-                        state::upsert_mirror(&self.state, id, &ids, &hashes).await?;
+                        state::upsert_mirror(&self.state, id, &landed).await?;
                         state::resolve(&self.state, id, Entity::User, &ids, "synced").await?;
                         progress.add(landed.len());
                         out.acked.extend(ids.into_iter().zip(hashes));

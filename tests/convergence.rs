@@ -165,7 +165,7 @@ async fn random_changes_and_faults_converge_once_the_faults_stop() {
             region: Some(phonenumber::country::Id::LV),
             role_map: Default::default(),
         };
-        let norm = normalize_account(&users, &roles, &opts);
+        let norm = normalize_account(&users, &roles, &opts, &Default::default());
         let held = sim.users("tok-1");
         let dead = db.open_dead_letters().await;
         let dead_keys: HashMap<(String, String), &DeadLetter> = dead
