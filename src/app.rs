@@ -131,9 +131,8 @@ pub async fn check(settings: Settings) -> anyhow::Result<bool> {
     let engine = Engine::new(settings.clone(), rx)?;
     let accounts = match settings.single_token() {
         Some(t) => vec![(settings.wazzup.single_account_id.clone(), t)],
-        None => match source::read_snapshot(&src, &settings, None).await {
-            Ok(s) => s
-                .accounts
+        None => match source::list_accounts(&src, &settings).await {
+            Ok((accounts, _)) => accounts
                 .into_iter()
                 .map(|a| (a.account_id, a.token))
                 .collect(),

@@ -1,6 +1,6 @@
 //! Reading the CRM: the three queries, from one REPEATABLE READ READ ONLY snapshot.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -27,8 +27,15 @@ pub enum SourceError {
         found: String,
         expected: &'static str,
     },
+    // The cause is in the message, not chained, so a log line says it once.
     #[error("Failed to read the CRM database: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for SourceError {
+    fn from(e: sqlx::Error) -> Self {
+        SourceError::Database(e)
+    }
 }
 
 /// One account row.
@@ -48,24 +55,13 @@ impl std::fmt::Debug for SourceAccount {
     }
 }
 
-/// Everything one cycle reads from the CRM, grouped by account.
-#[derive(Debug, Default)]
-pub struct Snapshot {
-    pub accounts: Vec<SourceAccount>,
-    /// Account rows refused (no id, no token, repeated id), with why.
-    pub bad_accounts: Vec<(String, String)>,
-    pub users: HashMap<String, Vec<SourceUser>>,
-    pub roles: HashMap<String, Vec<SourceRole>>,
-    /// Rows whose account has no row in the accounts query (or no account_id).
-    pub orphan_users: usize,
-    pub orphan_roles: usize,
-}
-
 /// Opens a pool whose sessions are read-only: the daemon can never write to the CRM.
 pub fn connect(settings: &Settings) -> Result<PgPool, sqlx::Error> {
     let opts = PgConnectOptions::from_str(settings.source.url.expose_secret())?
         .application_name("wazzup-sync")
         .options([("default_transaction_read_only", "on")]);
+    // Reading the whole CRM is slow by design; sqlx's slow-statement warnings would be noise.
+    let opts = sqlx::ConnectOptions::disable_statement_logging(opts);
     Ok(PgPoolOptions::new()
         .max_connections(settings.source.max_connections.max(1))
         .acquire_timeout(Duration::from_secs(10))
@@ -200,171 +196,361 @@ pub async fn check_query(
     Ok(())
 }
 
-/// Reads the three queries in one consistent, read-only snapshot.
-///
-/// In single-account mode (`single` is the account id and token) the accounts query is not run
-/// and every row belongs to that account.
-#[tracing::instrument(skip_all)]
-pub async fn read_snapshot(
+/// One account's rows, as the streaming reader hands them over.
+#[derive(Debug)]
+pub struct AccountRows {
+    pub account: SourceAccount,
+    pub users: Vec<SourceUser>,
+    pub roles: Vec<SourceRole>,
+}
+
+/// What the reader learned about the rows it could not hand to an account.
+#[derive(Debug, Default)]
+pub struct ReadSummary {
+    /// Account rows refused (no id, no token, repeated id), with why.
+    pub bad_accounts: Vec<(String, String)>,
+    /// Rows whose account has no row in the accounts query (or no account_id).
+    pub orphan_users: usize,
+    pub orphan_roles: usize,
+}
+
+/// Reads the accounts query (a small result) inside the given transaction.
+async fn read_accounts(
+    conn: &mut sqlx::PgConnection,
+    settings: &Settings,
+    summary: &mut ReadSummary,
+) -> Result<Vec<SourceAccount>, SourceError> {
+    let mut rows = sqlx::query(AssertSqlSafe(settings.source.accounts_query.clone())).fetch(conn);
+    let mut cols: Option<Columns> = None;
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut all = Vec::new();
+    while let Some(row) = rows.try_next().await? {
+        let c = match &cols {
+            Some(c) => c,
+            None => cols.insert(Columns::of(
+                &row,
+                &ACCOUNTS_SHAPE,
+                &[
+                    "account_id",
+                    "token",
+                    "push_input_output_message_events_for_managers",
+                ],
+            )?),
+        };
+        let q = ACCOUNTS_SHAPE.name;
+        let account_id = text(&row, q, c.0[0])?;
+        let token = text(&row, q, c.0[1])?;
+        let push = boolean(&row, q, c.0[2])?.unwrap_or(false);
+        match (account_id, token) {
+            (Some(id), Some(token)) if !id.trim().is_empty() && !token.trim().is_empty() => {
+                *seen.entry(id.clone()).or_default() += 1;
+                all.push(SourceAccount {
+                    account_id: id,
+                    token: SecretString::from(token.trim().to_string()),
+                    push_input_output_message_events_for_managers: push,
+                });
+            }
+            (Some(id), _) if !id.trim().is_empty() => summary
+                .bad_accounts
+                .push((id, "the account row has no token".into())),
+            _ => summary
+                .bad_accounts
+                .push(("(no id)".into(), "an account row has no account_id".into())),
+        }
+    }
+    let mut accounts = Vec::with_capacity(all.len());
+    for a in all {
+        if seen[&a.account_id] > 1 {
+            if !summary
+                .bad_accounts
+                .iter()
+                .any(|(id, _)| *id == a.account_id)
+            {
+                summary.bad_accounts.push((
+                    a.account_id.clone(),
+                    "the account id appears on more than one row of the accounts query".into(),
+                ));
+            }
+        } else {
+            accounts.push(a);
+        }
+    }
+    accounts.sort_by(|a, b| a.account_id.cmp(&b.account_id));
+    Ok(accounts)
+}
+
+/// The accounts the accounts query returns (for `check`).
+pub async fn list_accounts(
     pool: &PgPool,
     settings: &Settings,
-    single: Option<SourceAccount>,
-) -> Result<Snapshot, SourceError> {
+) -> Result<(Vec<SourceAccount>, ReadSummary), SourceError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    sqlx::query("SET TRANSACTION READ ONLY")
         .execute(&mut *tx)
         .await?;
-    let mut snap = Snapshot::default();
-    let single_id = single.as_ref().map(|a| a.account_id.clone());
+    let mut summary = ReadSummary::default();
+    let accounts = read_accounts(&mut tx, settings, &mut summary).await?;
+    tx.commit().await?;
+    Ok((accounts, summary))
+}
 
-    match single {
-        Some(account) => snap.accounts.push(account),
-        None => {
-            let mut rows =
-                sqlx::query(AssertSqlSafe(settings.source.accounts_query.clone())).fetch(&mut *tx);
-            let mut cols: Option<Columns> = None;
-            let mut seen: BTreeMap<String, usize> = BTreeMap::new();
-            let mut all = Vec::new();
-            while let Some(row) = rows.try_next().await? {
-                let c = match &cols {
-                    Some(c) => c,
-                    None => cols.insert(Columns::of(
-                        &row,
-                        &ACCOUNTS_SHAPE,
-                        &[
-                            "account_id",
-                            "token",
-                            "push_input_output_message_events_for_managers",
-                        ],
-                    )?),
-                };
-                let q = ACCOUNTS_SHAPE.name;
-                let account_id = text(&row, q, c.0[0])?;
-                let token = text(&row, q, c.0[1])?;
-                let push = boolean(&row, q, c.0[2])?.unwrap_or(false);
-                match (account_id, token) {
-                    (Some(id), Some(token))
-                        if !id.trim().is_empty() && !token.trim().is_empty() =>
-                    {
-                        *seen.entry(id.clone()).or_default() += 1;
-                        all.push(SourceAccount {
-                            account_id: id,
-                            token: SecretString::from(token.trim().to_string()),
-                            push_input_output_message_events_for_managers: push,
+fn decode_user(row: &PgRow, c: &Columns) -> Result<SourceUser, SourceError> {
+    let q = USERS_SHAPE.name;
+    Ok(SourceUser {
+        account_id: text(row, q, c.0[0])?,
+        id: text(row, q, c.0[1])?,
+        name: text(row, q, c.0[2])?,
+        phone: text(row, q, c.0[3])?,
+        hide_phone: boolean(row, q, c.0[4])?,
+    })
+}
+
+fn decode_role(row: &PgRow, c: &Columns) -> Result<SourceRole, SourceError> {
+    let q = ROLES_SHAPE.name;
+    Ok(SourceRole {
+        account_id: text(row, q, c.0[0])?,
+        user_id: text(row, q, c.0[1])?,
+        channel_id: text(row, q, c.0[2])?,
+        role: text(row, q, c.0[3])?,
+        allow_get_new_clients: boolean(row, q, c.0[4])?,
+    })
+}
+
+const USER_COLUMNS: [&str; 5] = ["account_id", "id", "name", "phone", "hide_phone"];
+const ROLE_COLUMNS: [&str; 5] = [
+    "account_id",
+    "user_id",
+    "channel_id",
+    "role",
+    "allow_get_new_clients",
+];
+
+/// A query's rows, decoded, one at a time, with one row of look-ahead.
+struct RowReader<'c, T> {
+    rows: futures::stream::BoxStream<'c, Result<PgRow, sqlx::Error>>,
+    cols: Option<Columns>,
+    shape: &'static QueryShape,
+    names: &'static [&'static str],
+    needs_account: bool,
+    decode: fn(&PgRow, &Columns) -> Result<T, SourceError>,
+    account: fn(&T) -> Option<&str>,
+    head: Option<T>,
+}
+
+impl<T> RowReader<'_, T> {
+    async fn advance(&mut self) -> Result<(), SourceError> {
+        self.head = match self.rows.try_next().await? {
+            None => None,
+            Some(row) => {
+                if self.cols.is_none() {
+                    let c = Columns::of(&row, self.shape, self.names)?;
+                    if self.needs_account && c.0[0].is_none() {
+                        return Err(SourceError::MissingColumn {
+                            query: self.shape.name,
+                            column: "account_id",
                         });
                     }
-                    (Some(id), _) if !id.trim().is_empty() => snap
-                        .bad_accounts
-                        .push((id, "the account row has no token".into())),
-                    _ => snap
-                        .bad_accounts
-                        .push(("(no id)".into(), "an account row has no account_id".into())),
+                    self.cols = Some(c);
                 }
+                Some((self.decode)(&row, self.cols.as_ref().expect("columns"))?)
             }
-            drop(rows);
-            for a in all {
-                if seen[&a.account_id] > 1 {
-                    if !snap.bad_accounts.iter().any(|(id, _)| *id == a.account_id) {
-                        snap.bad_accounts.push((
-                            a.account_id.clone(),
-                            "the account id appears on more than one row of the accounts query"
-                                .into(),
-                        ));
-                    }
-                } else {
-                    snap.accounts.push(a);
-                }
-            }
-        }
+        };
+        Ok(())
     }
 
-    let account_of = |row_account: Option<String>| -> Option<String> {
-        match &single_id {
-            Some(id) => Some(id.clone()),
-            None => row_account,
+    /// The account of the next row: Some(None) for a row without one, None at the end.
+    fn next_account(&self) -> Option<Option<&str>> {
+        self.head.as_ref().map(|h| (self.account)(h))
+    }
+
+    /// Takes every row of `account` (rows arrive ordered by account).
+    async fn take(&mut self, account: Option<&str>) -> Result<Vec<T>, SourceError> {
+        let mut out = Vec::new();
+        while let Some(h) = &self.head {
+            if (self.account)(h) != account {
+                break;
+            }
+            out.push(self.head.take().expect("head"));
+            self.advance().await?;
+        }
+        Ok(out)
+    }
+}
+
+/// Starts reading the CRM in one consistent, read-only snapshot and hands the rows over one
+/// account at a time, so memory holds a few accounts, not the whole CRM.
+///
+/// Users and roles are read ordered by account on two sessions sharing one exported snapshot
+/// (REPEATABLE READ, READ ONLY). In single-account mode (`single`) the accounts query is not run
+/// and every row belongs to that account. At most `ahead` accounts wait in the channel.
+pub fn stream_snapshot(
+    pool: PgPool,
+    settings: std::sync::Arc<Settings>,
+    single: Option<SourceAccount>,
+    only: Option<HashSet<String>>,
+    ahead: usize,
+) -> (
+    tokio::sync::mpsc::Receiver<AccountRows>,
+    tokio::task::JoinHandle<Result<ReadSummary, SourceError>>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(ahead.max(1));
+    let task = tokio::spawn(async move {
+        let mut a = pool.acquire().await?;
+        let mut b = pool.acquire().await?;
+        let result = read_rows(&mut a, &mut b, &settings, single, only, tx).await;
+        if result.is_ok() {
+            sqlx::query("COMMIT").execute(&mut *b).await?;
+            sqlx::query("COMMIT").execute(&mut *a).await?;
+        } else {
+            // Never hand a session with an open transaction back to the pool.
+            let _ = a.close().await;
+            let _ = b.close().await;
+        }
+        result
+    });
+    (rx, task)
+}
+
+async fn read_rows(
+    a: &mut sqlx::PgConnection,
+    b: &mut sqlx::PgConnection,
+    settings: &Settings,
+    single: Option<SourceAccount>,
+    only: Option<HashSet<String>>,
+    tx: tokio::sync::mpsc::Sender<AccountRows>,
+) -> Result<ReadSummary, SourceError> {
+    let mut summary = ReadSummary::default();
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *a)
+        .await?;
+    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .fetch_one(&mut *a)
+        .await?;
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *b)
+        .await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "SET TRANSACTION SNAPSHOT '{}'",
+        snapshot.replace('\'', "")
+    )))
+    .execute(&mut *b)
+    .await?;
+    let multi = single.is_none();
+    let accounts = match single {
+        Some(acct) => vec![acct],
+        None => read_accounts(a, settings, &mut summary).await?,
+    };
+    let mut by_id: BTreeMap<String, SourceAccount> = accounts
+        .into_iter()
+        .map(|a| (a.account_id.clone(), a))
+        .collect();
+    // Byte order (COLLATE "C") so both streams and this merge agree on the order.
+    let ordered = |q: &str| {
+        if multi {
+            format!("SELECT * FROM ({q}) AS q ORDER BY account_id COLLATE \"C\"")
+        } else {
+            q.to_string()
         }
     };
-    let known: std::collections::HashSet<String> =
-        snap.accounts.iter().map(|a| a.account_id.clone()).collect();
-
-    {
-        let mut rows =
-            sqlx::query(AssertSqlSafe(settings.source.users_query.clone())).fetch(&mut *tx);
-        let mut cols: Option<Columns> = None;
-        while let Some(row) = rows.try_next().await? {
-            let c = match &cols {
-                Some(c) => c,
-                None => {
-                    let c = Columns::of(
-                        &row,
-                        &USERS_SHAPE,
-                        &["account_id", "id", "name", "phone", "hide_phone"],
-                    )?;
-                    if single_id.is_none() && c.0[0].is_none() {
-                        return Err(SourceError::MissingColumn {
-                            query: USERS_SHAPE.name,
-                            column: "account_id",
-                        });
-                    }
-                    cols.insert(c)
+    let mut users = RowReader {
+        rows: sqlx::query(AssertSqlSafe(ordered(&settings.source.users_query))).fetch(&mut *a),
+        cols: None,
+        shape: &USERS_SHAPE,
+        names: &USER_COLUMNS,
+        needs_account: multi,
+        decode: decode_user,
+        account: |u: &SourceUser| u.account_id.as_deref(),
+        head: None,
+    };
+    let mut roles = RowReader {
+        rows: sqlx::query(AssertSqlSafe(ordered(&settings.source.roles_query))).fetch(&mut *b),
+        cols: None,
+        shape: &ROLES_SHAPE,
+        names: &ROLE_COLUMNS,
+        needs_account: multi,
+        decode: decode_role,
+        account: |r: &SourceRole| r.account_id.as_deref(),
+        head: None,
+    };
+    users.advance().await?;
+    roles.advance().await?;
+    let wanted = |id: &str| only.as_ref().is_none_or(|o| o.contains(id));
+    loop {
+        // In single-account mode every row is the account's, whatever its account_id.
+        let key: Option<Option<String>> = if multi {
+            match (users.next_account(), roles.next_account()) {
+                (None, None) => None,
+                (Some(u), None) => Some(u.map(str::to_string)),
+                (None, Some(r)) => Some(r.map(str::to_string)),
+                // NULL sorts last: a present account comes first.
+                (Some(u), Some(r)) => Some(match (u, r) {
+                    (Some(u), Some(r)) => Some(u.min(r).to_string()),
+                    (Some(u), None) => Some(u.to_string()),
+                    (None, Some(r)) => Some(r.to_string()),
+                    (None, None) => None,
+                }),
+            }
+        } else if users.head.is_some() || roles.head.is_some() {
+            Some(by_id.keys().next().cloned())
+        } else {
+            None
+        };
+        let Some(key) = key else { break };
+        let (u, r) = if multi {
+            (
+                users.take(key.as_deref()).await?,
+                roles.take(key.as_deref()).await?,
+            )
+        } else {
+            let mut u = Vec::new();
+            while let Some(h) = users.head.take() {
+                u.push(h);
+                users.advance().await?;
+            }
+            let mut r = Vec::new();
+            while let Some(h) = roles.head.take() {
+                r.push(h);
+                roles.advance().await?;
+            }
+            (u, r)
+        };
+        match key.and_then(|k| by_id.remove(&k)) {
+            Some(account) => {
+                if wanted(&account.account_id)
+                    && tx
+                        .send(AccountRows {
+                            account,
+                            users: u,
+                            roles: r,
+                        })
+                        .await
+                        .is_err()
+                {
+                    break;
                 }
-            };
-            let q = USERS_SHAPE.name;
-            let user = SourceUser {
-                account_id: text(&row, q, c.0[0])?,
-                id: text(&row, q, c.0[1])?,
-                name: text(&row, q, c.0[2])?,
-                phone: text(&row, q, c.0[3])?,
-                hide_phone: boolean(&row, q, c.0[4])?,
-            };
-            match account_of(user.account_id.clone()) {
-                Some(a) if known.contains(&a) => snap.users.entry(a).or_default().push(user),
-                _ => snap.orphan_users += 1,
+            }
+            None => {
+                summary.orphan_users += u.len();
+                summary.orphan_roles += r.len();
             }
         }
     }
-    {
-        let mut rows =
-            sqlx::query(AssertSqlSafe(settings.source.roles_query.clone())).fetch(&mut *tx);
-        let mut cols: Option<Columns> = None;
-        while let Some(row) = rows.try_next().await? {
-            let c = match &cols {
-                Some(c) => c,
-                None => {
-                    let c = Columns::of(
-                        &row,
-                        &ROLES_SHAPE,
-                        &[
-                            "account_id",
-                            "user_id",
-                            "channel_id",
-                            "role",
-                            "allow_get_new_clients",
-                        ],
-                    )?;
-                    if single_id.is_none() && c.0[0].is_none() {
-                        return Err(SourceError::MissingColumn {
-                            query: ROLES_SHAPE.name,
-                            column: "account_id",
-                        });
-                    }
-                    cols.insert(c)
-                }
-            };
-            let q = ROLES_SHAPE.name;
-            let role = SourceRole {
-                account_id: text(&row, q, c.0[0])?,
-                user_id: text(&row, q, c.0[1])?,
-                channel_id: text(&row, q, c.0[2])?,
-                role: text(&row, q, c.0[3])?,
-                allow_get_new_clients: boolean(&row, q, c.0[4])?,
-            };
-            match account_of(role.account_id.clone()) {
-                Some(a) if known.contains(&a) => snap.roles.entry(a).or_default().push(role),
-                _ => snap.orphan_roles += 1,
-            }
+    drop(users);
+    drop(roles);
+    // Accounts without a single row still need their cycle (their users may have left).
+    for (_, account) in by_id {
+        if wanted(&account.account_id)
+            && tx
+                .send(AccountRows {
+                    account,
+                    users: vec![],
+                    roles: vec![],
+                })
+                .await
+                .is_err()
+        {
+            break;
         }
     }
-    tx.commit().await?;
-    Ok(snap)
+    Ok(summary)
 }

@@ -168,7 +168,13 @@ pub enum CycleError {
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("Failed to read the state database: {0}")]
-    State(#[from] sqlx::Error),
+    State(sqlx::Error),
+}
+
+impl From<sqlx::Error> for CycleError {
+    fn from(e: sqlx::Error) -> Self {
+        CycleError::State(e)
+    }
 }
 
 /// The sync engine: pools, client and settings, wired once.
@@ -237,41 +243,23 @@ impl Engine {
         run_id: String,
     ) -> Result<CycleReport, CycleError> {
         let started = Instant::now();
-        let mut snap =
-            source::read_snapshot(&self.source, &self.settings, self.single_account()).await?;
         let mirror_exists = if opts.dry_run {
             state::is_migrated(&self.state, &self.settings.state.schema).await?
         } else {
             true
         };
-        for (id, why) in &snap.bad_accounts {
-            tracing::error!(account_id = %id, reason = %why, "Skipping an account row of the accounts query");
-        }
-        if snap.orphan_users + snap.orphan_roles > 0 {
-            tracing::warn!(
-                users = snap.orphan_users,
-                roles = snap.orphan_roles,
-                "Skipped rows whose account has no row in the accounts query"
-            );
-        }
-        let mut accounts = std::mem::take(&mut snap.accounts);
-        if let Some(only) = &opts.only_accounts {
-            accounts.retain(|a| only.contains(&a.account_id));
-        }
-        // Replicas start at different accounts, so they share the work instead of queueing on locks.
-        if accounts.len() > 1 {
-            let k = rand::random_range(0..accounts.len());
-            accounts.rotate_left(k);
-        }
-        let jobs: Vec<_> = accounts
-            .into_iter()
-            .map(|a| {
-                let users = snap.users.remove(&a.account_id).unwrap_or_default();
-                let roles = snap.roles.remove(&a.account_id).unwrap_or_default();
-                (a, users, roles)
-            })
-            .collect();
-        let reports: Vec<AccountReport> = futures::stream::iter(jobs)
+        // Accounts arrive one at a time while the CRM is read; a few wait ahead.
+        let (rows, reader) = source::stream_snapshot(
+            self.source.clone(),
+            self.settings.clone(),
+            self.single_account(),
+            opts.only_accounts.clone(),
+            self.settings.sync.concurrency,
+        );
+        let jobs = futures::stream::unfold(rows, |mut rx| async move {
+            rx.recv().await.map(|r| ((r.account, r.users, r.roles), rx))
+        });
+        let reports: Vec<AccountReport> = jobs
             .map(|(account, users, roles)| {
                 let span = tracing::info_span!("account", account_id = %account.account_id);
                 async move {
@@ -311,14 +299,29 @@ impl Engine {
             .buffer_unordered(self.settings.sync.concurrency)
             .collect()
             .await;
+        let summary = reader.await.map_err(|e| {
+            CycleError::Source(SourceError::Database(sqlx::Error::Protocol(format!(
+                "the CRM reader stopped: {e}"
+            ))))
+        })??;
+        for (id, why) in &summary.bad_accounts {
+            tracing::error!(account_id = %id, reason = %why, "Skipping an account row of the accounts query");
+        }
+        if summary.orphan_users + summary.orphan_roles > 0 {
+            tracing::warn!(
+                users = summary.orphan_users,
+                roles = summary.orphan_roles,
+                "Skipped rows whose account has no row in the accounts query"
+            );
+        }
         let mut reports = reports;
         reports.sort_by(|a, b| a.account_id.cmp(&b.account_id));
         let report = CycleReport {
             run_id,
             accounts: reports,
-            bad_accounts: snap.bad_accounts,
-            orphan_users: snap.orphan_users,
-            orphan_roles: snap.orphan_roles,
+            bad_accounts: summary.bad_accounts,
+            orphan_users: summary.orphan_users,
+            orphan_roles: summary.orphan_roles,
             duration_ms: started.elapsed().as_millis() as u64,
         };
         log_cycle(&report, opts.dry_run);

@@ -387,16 +387,19 @@ async fn the_crm_connection_is_read_only() {
     let sim = simulator().await;
     db.add_account("a1", "tok-1").await;
     sim.add_account("tok-1");
+    // A users query that tries to write, through a function.
+    db.exec(
+        "CREATE FUNCTION sneaky() RETURNS SETOF wazzup_users LANGUAGE sql AS $$
+            INSERT INTO wazzup_users VALUES ('a1', 'sneaky', 'Sneaky', NULL, false) RETURNING * $$",
+    )
+    .await;
 
     let out = run_bin(
         &["sync"],
         &env_for(
             &db,
             &sim,
-            &[(
-                "WAZZUP_SYNC__SOURCE__USERS_QUERY",
-                "WITH w AS (INSERT INTO wazzup_users VALUES ('a1', 'sneaky', 'Sneaky', NULL, false) RETURNING *) SELECT * FROM w",
-            )],
+            &[("WAZZUP_SYNC__SOURCE__USERS_QUERY", "SELECT * FROM sneaky()")],
         ),
     )
     .await;

@@ -35,6 +35,9 @@ struct Args {
     /// The daemon binary (default: the one built beside this harness).
     #[arg(long)]
     daemon: Option<PathBuf>,
+    /// Keep the benchmark database afterwards (for profiling a cycle by hand).
+    #[arg(long)]
+    keep: bool,
 }
 
 struct Phase {
@@ -218,6 +221,10 @@ async fn main() -> anyhow::Result<()> {
     let mut url = reqwest::Url::parse(&args.database_url)?;
     url.set_path(&format!("/{db}"));
     let result = bench(&args, url.as_str()).await;
+    if args.keep {
+        eprintln!("Kept the database: {url}");
+        return result;
+    }
     admin
         .execute(AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
