@@ -12,6 +12,7 @@ RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked \
     && rm -rf src
 COPY config ./config
+COPY examples ./examples
 COPY migrations ./migrations
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \

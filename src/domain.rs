@@ -68,7 +68,7 @@ pub struct UserPayload {
 impl UserPayload {
     /// Content hash of the canonical JSON form.
     pub fn hash(&self) -> String {
-        content_hash(&serde_json::to_vec(self).expect("a user payload serializes"))
+        json_hash(self)
     }
 }
 
@@ -100,8 +100,15 @@ impl SettingsDoc {
     }
 
     pub fn hash(&self) -> String {
-        content_hash(&serde_json::to_vec(self).expect("a settings document serializes"))
+        json_hash(self)
     }
+}
+
+/// [`content_hash`] of a value's JSON, written straight into the hasher (no buffer).
+fn json_hash(value: &impl Serialize) -> String {
+    let mut hasher = blake3::Hasher::new();
+    serde_json::to_writer(&mut hasher, value).expect("serializes");
+    hasher.finalize().to_hex()[..32].to_string()
 }
 
 /// 128 bits of BLAKE3 in hex: plenty to tell payloads apart, small in the mirror.

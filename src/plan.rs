@@ -89,10 +89,11 @@ pub fn plan_users<'a>(
         let before = deletes.len();
         deletes.retain(|id| !delete_waiting.contains_key(id.as_str()));
         plan.deletes_waiting = before - deletes.len();
+        let synced = mirror.len() + pending.iter().filter(|p| !mirror.contains_key(*p)).count();
         let too_many = deletes.len() > guard.min
-            && (deletes.len() as u128) * 100 > (mirror.len() as u128) * guard.max_percent as u128;
+            && (deletes.len() as u128) * 100 > (synced as u128) * guard.max_percent as u128;
         if too_many && !guard.allowed {
-            plan.deletes_blocked = Some((deletes.len(), mirror.len()));
+            plan.deletes_blocked = Some((deletes.len(), synced));
         } else {
             plan.deletes = deletes;
         }

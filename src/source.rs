@@ -105,8 +105,8 @@ fn text(
 ) -> Result<Option<String>, SourceError> {
     let Some(i) = idx else { return Ok(None) };
     let ty = row.columns()[i].type_info().name().to_string();
-    match ty.as_str() {
-        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" | "CITEXT" | "UNKNOWN" => {
+    match ty.to_ascii_uppercase().as_str() {
+        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" | "\"CHAR\"" | "CITEXT" | "UNKNOWN" => {
             Ok(row.try_get::<Option<String>, _>(i)?)
         }
         "INT2" => Ok(row.try_get::<Option<i16>, _>(i)?.map(|v| v.to_string())),
@@ -447,7 +447,7 @@ async fn read_rows(
     // Byte order (COLLATE "C") so both streams and this merge agree on the order.
     let ordered = |q: &str| {
         if multi {
-            format!("SELECT * FROM ({q}) AS q ORDER BY account_id COLLATE \"C\"")
+            format!("SELECT * FROM ({q}) AS q ORDER BY account_id::text COLLATE \"C\"")
         } else {
             q.to_string()
         }

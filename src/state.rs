@@ -74,12 +74,19 @@ struct AccountRow {
     settings_doc: Option<serde_json::Value>,
 }
 
-pub async fn load_account(pool: &PgPool, account_id: &str) -> Result<AccountState, sqlx::Error> {
+/// The account's state; its last settings document only when `with_doc` (it can be large).
+pub async fn load_account(
+    pool: &PgPool,
+    account_id: &str,
+    with_doc: bool,
+) -> Result<AccountState, sqlx::Error> {
     let row: Option<AccountRow> = sqlx::query_as(
-        "SELECT token_fingerprint, status, auth_failed_at, settings_hash, settings_doc
+        "SELECT token_fingerprint, status, auth_failed_at, settings_hash,
+                CASE WHEN $2 THEN settings_doc END AS settings_doc
          FROM accounts WHERE account_id = $1",
     )
     .bind(account_id)
+    .bind(with_doc)
     .fetch_optional(pool)
     .await?;
     Ok(match row {

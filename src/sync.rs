@@ -324,7 +324,7 @@ impl Engine {
             orphan_roles: summary.orphan_roles,
             duration_ms: started.elapsed().as_millis() as u64,
         };
-        log_cycle(&report, opts.dry_run);
+        log_cycle(&report, opts.dry_run, opts.only_accounts.is_some());
         Ok(report)
     }
 
@@ -342,7 +342,12 @@ impl Engine {
                 state::load_mirror(&self.state, &account.account_id).await?,
                 state::load_pending(&self.state, &account.account_id).await?,
                 state::open_dead_letters(&self.state, &account.account_id).await?,
-                state::load_account(&self.state, &account.account_id).await?,
+                state::load_account(
+                    &self.state,
+                    &account.account_id,
+                    !norm.rejected_user_ids.is_empty(),
+                )
+                .await?,
             )
         } else {
             Default::default()
@@ -426,7 +431,9 @@ impl Engine {
     ) -> Result<AccountOutcome, sqlx::Error> {
         let id = account.account_id.as_str();
         let fingerprint = token_fingerprint(&account.token);
-        let mut acct_state = state::load_account(&self.state, id).await?;
+        // The last document is needed to keep refused users' roles, and to compare in a reconcile.
+        let with_doc = opts.reconcile || !norm.rejected_user_ids.is_empty();
+        let mut acct_state = state::load_account(&self.state, id, with_doc).await?;
         if let Some(failed_at) = acct_state.auth_failed_at {
             let cooldown =
                 chrono::Duration::seconds(self.settings.wazzup.auth_cooldown_secs as i64);
@@ -1279,7 +1286,7 @@ fn log_account(r: &AccountReport, dry_run: bool) {
         .increment(r.deferred as u64);
 }
 
-fn log_cycle(c: &CycleReport, dry_run: bool) {
+fn log_cycle(c: &CycleReport, dry_run: bool, partial: bool) {
     let sum = |f: fn(&AccountReport) -> usize| c.accounts.iter().map(f).sum::<usize>();
     let failed = c.accounts.iter().filter(|a| !a.outcome.is_ok()).count();
     tracing::info!(
@@ -1300,7 +1307,8 @@ fn log_cycle(c: &CycleReport, dry_run: bool) {
         dry_run,
         "Cycle finished"
     );
-    if !dry_run {
+    // A cycle for a few notified accounts says nothing about the others.
+    if !dry_run && !partial {
         let auth_failed = c
             .accounts
             .iter()
@@ -1316,6 +1324,8 @@ fn log_cycle(c: &CycleReport, dry_run: bool) {
             metrics::gauge!("wazzup_sync_last_success_timestamp_seconds")
                 .set(chrono::Utc::now().timestamp() as f64);
         }
+    }
+    if !dry_run {
         metrics::counter!("wazzup_sync_cycles_total", "result" => if failed == 0 { "ok" } else { "partial" }).increment(1);
         metrics::histogram!("wazzup_sync_cycle_duration_seconds")
             .record(c.duration_ms as f64 / 1000.0);

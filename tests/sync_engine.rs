@@ -797,3 +797,40 @@ async fn the_state_can_live_in_another_database_and_schema() {
         .unwrap();
     assert_eq!(in_crm, None, "nothing was written to the CRM database");
 }
+
+#[tokio::test]
+async fn integer_and_uuid_columns_are_read_as_text_in_multi_account_mode() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE companies (id int, token text);
+         CREATE TABLE staff (company_id int, id int, name text, channel uuid);
+         INSERT INTO companies VALUES (1, 'tok-1'), (2, 'tok-2');
+         INSERT INTO staff VALUES (1, 10, 'Ten', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'),
+                                  (2, 20, 'Twenty', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a12');",
+    )
+    .await;
+    let sim = simulator().await;
+    sim.add_account("tok-1");
+    sim.add_account("tok-2");
+
+    let report = sync(
+        &db,
+        &sim,
+        &[
+            ("WAZZUP_SYNC__SOURCE__ACCOUNTS_QUERY", "SELECT id AS account_id, token FROM companies"),
+            ("WAZZUP_SYNC__SOURCE__USERS_QUERY", "SELECT company_id AS account_id, id, name FROM staff"),
+            (
+                "WAZZUP_SYNC__SOURCE__ROLES_QUERY",
+                "SELECT company_id AS account_id, id AS user_id, channel AS channel_id, 'seller' AS role, true AS allow_get_new_clients FROM staff",
+            ),
+        ],
+    )
+    .await;
+
+    assert!(report.all_ok(), "{report:?}");
+    assert_eq!(sim.users("tok-2")["20"].name, "Twenty");
+    assert_eq!(
+        sim.settings("tok-1").user_roles[0].channel_id,
+        "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+    );
+}
