@@ -1,6 +1,6 @@
 //! Reading the CRM: the three queries, from one REPEATABLE READ READ ONLY snapshot.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -202,6 +202,19 @@ pub struct AccountRows {
     pub account: SourceAccount,
     pub users: Vec<SourceUser>,
     pub roles: Vec<SourceRole>,
+    /// The fingerprint of these rows, to store when the account's cycle ends clean.
+    pub fingerprint: String,
+}
+
+/// What the reader needs to skip accounts whose CRM rows did not change since their last clean
+/// cycle: their rows are neither sent by PostgreSQL nor decoded here.
+#[derive(Debug, Clone, Default)]
+pub struct SkipUnchanged {
+    pub enabled: bool,
+    /// account id → (fingerprint stored at its last clean cycle, token fingerprint then).
+    pub known: HashMap<String, (String, String)>,
+    /// Mixed into every fingerprint: the settings that change what the rows mean.
+    pub salt: String,
 }
 
 /// What the reader learned about the rows it could not hand to an account.
@@ -212,6 +225,8 @@ pub struct ReadSummary {
     /// Rows whose account has no row in the accounts query (or no account_id).
     pub orphan_users: usize,
     pub orphan_roles: usize,
+    /// Accounts skipped because nothing changed, with their number of user rows.
+    pub unchanged: Vec<(String, usize)>,
 }
 
 /// Reads the accounts query (a small result) inside the given transaction.
@@ -388,6 +403,7 @@ pub fn stream_snapshot(
     settings: std::sync::Arc<Settings>,
     single: Option<SourceAccount>,
     only: Option<HashSet<String>>,
+    skip: SkipUnchanged,
     ahead: usize,
 ) -> (
     tokio::sync::mpsc::Receiver<AccountRows>,
@@ -397,7 +413,7 @@ pub fn stream_snapshot(
     let task = tokio::spawn(async move {
         let mut a = pool.acquire().await?;
         let mut b = pool.acquire().await?;
-        let result = read_rows(&mut a, &mut b, &settings, single, only, tx).await;
+        let result = read_rows(&mut a, &mut b, &settings, single, only, skip, tx).await;
         if result.is_ok() {
             sqlx::query("COMMIT").execute(&mut *b).await?;
             sqlx::query("COMMIT").execute(&mut *a).await?;
@@ -417,6 +433,7 @@ async fn read_rows(
     settings: &Settings,
     single: Option<SourceAccount>,
     only: Option<HashSet<String>>,
+    skip: SkipUnchanged,
     tx: tokio::sync::mpsc::Sender<AccountRows>,
 ) -> Result<ReadSummary, SourceError> {
     let mut summary = ReadSummary::default();
@@ -444,16 +461,59 @@ async fn read_rows(
         .into_iter()
         .map(|a| (a.account_id.clone(), a))
         .collect();
-    // Byte order (COLLATE "C") so both streams and this merge agree on the order.
+    // Fingerprints of every account's rows, computed by PostgreSQL in this same snapshot.
+    let raw = fingerprints(a, settings, multi).await?;
+    let mut prints: HashMap<String, String> = HashMap::with_capacity(by_id.len());
+    for (id, account) in &by_id {
+        let key = if multi { id.as_str() } else { "" };
+        let rows = raw.get(key).cloned().unwrap_or_default();
+        let print = crate::domain::content_hash(
+            format!(
+                "{}|{}|{}:{}|{}:{}",
+                skip.salt,
+                account.push_input_output_message_events_for_managers,
+                rows.0,
+                rows.1,
+                rows.2,
+                rows.3
+            )
+            .as_bytes(),
+        );
+        let token = crate::wazzup::token_fingerprint(&account.token);
+        if skip.enabled && skip.known.get(id) == Some(&(print.clone(), token)) {
+            summary.unchanged.push((id.clone(), rows.0 as usize));
+        } else {
+            prints.insert(id.clone(), print);
+        }
+    }
+    let quiet: Vec<String> = summary.unchanged.iter().map(|(id, _)| id.clone()).collect();
+    for id in &quiet {
+        by_id.remove(id);
+    }
+    if by_id.is_empty() {
+        return Ok(summary);
+    }
+    // Byte order (COLLATE "C") so both streams and this merge agree on the order; the rows of
+    // unchanged accounts stay in the database.
     let ordered = |q: &str| {
         if multi {
-            format!("SELECT * FROM ({q}) AS q ORDER BY account_id::text COLLATE \"C\"")
+            format!(
+                "SELECT * FROM ({q}) AS q WHERE NOT (account_id::text = ANY($1::text[])) \
+                 ORDER BY account_id::text COLLATE \"C\""
+            )
         } else {
             q.to_string()
         }
     };
+    let bind_quiet =
+        |q: sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>| {
+            if multi { q.bind(quiet.clone()) } else { q }
+        };
     let mut users = RowReader {
-        rows: sqlx::query(AssertSqlSafe(ordered(&settings.source.users_query))).fetch(&mut *a),
+        rows: bind_quiet(sqlx::query(AssertSqlSafe(ordered(
+            &settings.source.users_query,
+        ))))
+        .fetch(&mut *a),
         cols: None,
         shape: &USERS_SHAPE,
         names: &USER_COLUMNS,
@@ -463,7 +523,10 @@ async fn read_rows(
         head: None,
     };
     let mut roles = RowReader {
-        rows: sqlx::query(AssertSqlSafe(ordered(&settings.source.roles_query))).fetch(&mut *b),
+        rows: bind_quiet(sqlx::query(AssertSqlSafe(ordered(
+            &settings.source.roles_query,
+        ))))
+        .fetch(&mut *b),
         cols: None,
         shape: &ROLES_SHAPE,
         names: &ROLE_COLUMNS,
@@ -516,12 +579,14 @@ async fn read_rows(
         };
         match key.and_then(|k| by_id.remove(&k)) {
             Some(account) => {
+                let fingerprint = prints.remove(&account.account_id).unwrap_or_default();
                 if wanted(&account.account_id)
                     && tx
                         .send(AccountRows {
                             account,
                             users: u,
                             roles: r,
+                            fingerprint,
                         })
                         .await
                         .is_err()
@@ -539,12 +604,14 @@ async fn read_rows(
     drop(roles);
     // Accounts without a single row still need their cycle (their users may have left).
     for (_, account) in by_id {
+        let fingerprint = prints.remove(&account.account_id).unwrap_or_default();
         if wanted(&account.account_id)
             && tx
                 .send(AccountRows {
                     account,
                     users: vec![],
                     roles: vec![],
+                    fingerprint,
                 })
                 .await
                 .is_err()
@@ -553,4 +620,45 @@ async fn read_rows(
         }
     }
     Ok(summary)
+}
+
+/// Per account (all rows under "" in single-account mode): user rows and their hash sum, role
+/// rows and theirs. Order-independent, computed by PostgreSQL (in parallel where it can).
+async fn fingerprints(
+    conn: &mut sqlx::PgConnection,
+    settings: &Settings,
+    multi: bool,
+) -> Result<HashMap<String, (i64, String, i64, String)>, SourceError> {
+    let sql = |q: &str| {
+        if multi {
+            format!(
+                "SELECT account_id::text, count(*), COALESCE(sum(hashtextextended(q::text, 0)), 0)::text
+                 FROM ({q}) AS q GROUP BY 1"
+            )
+        } else {
+            format!(
+                "SELECT ''::text, count(*), COALESCE(sum(hashtextextended(q::text, 0)), 0)::text FROM ({q}) AS q"
+            )
+        }
+    };
+    let mut out: HashMap<String, (i64, String, i64, String)> = HashMap::new();
+    let users: Vec<(Option<String>, i64, String)> =
+        sqlx::query_as(AssertSqlSafe(sql(&settings.source.users_query)))
+            .fetch_all(&mut *conn)
+            .await?;
+    for (id, n, sum) in users {
+        let e = out.entry(id.unwrap_or_default()).or_default();
+        e.0 = n;
+        e.1 = sum;
+    }
+    let roles: Vec<(Option<String>, i64, String)> =
+        sqlx::query_as(AssertSqlSafe(sql(&settings.source.roles_query)))
+            .fetch_all(&mut *conn)
+            .await?;
+    for (id, n, sum) in roles {
+        let e = out.entry(id.unwrap_or_default()).or_default();
+        e.2 = n;
+        e.3 = sum;
+    }
+    Ok(out)
 }

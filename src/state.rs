@@ -111,21 +111,66 @@ pub async fn finish_account(
     fingerprint: &str,
     success: bool,
     error: Option<&str>,
+    source_fingerprint: Option<&str>,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO accounts (account_id, token_fingerprint, status, last_cycle_at, last_success_at, last_error)
-         VALUES ($1, $2, 'ok', now(), CASE WHEN $3 THEN now() END, $4)
+        "INSERT INTO accounts (account_id, token_fingerprint, status, last_cycle_at, last_success_at, last_error,
+                               source_fingerprint)
+         VALUES ($1, $2, 'ok', now(), CASE WHEN $3 THEN now() END, $4, $5)
          ON CONFLICT (account_id) DO UPDATE SET
             token_fingerprint = EXCLUDED.token_fingerprint,
             status = 'ok', auth_failed_at = NULL,
             last_cycle_at = now(),
             last_success_at = COALESCE(EXCLUDED.last_success_at, accounts.last_success_at),
-            last_error = EXCLUDED.last_error",
+            last_error = EXCLUDED.last_error,
+            source_fingerprint = EXCLUDED.source_fingerprint",
     )
     .bind(account_id)
     .bind(fingerprint)
     .bind(success)
     .bind(error)
+    .bind(source_fingerprint)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The fingerprints stored at each account's last clean cycle, with the token then used.
+pub async fn load_source_fingerprints(
+    pool: &PgPool,
+) -> Result<std::collections::HashMap<String, (String, String)>, sqlx::Error> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT account_id, source_fingerprint, token_fingerprint FROM accounts
+         WHERE source_fingerprint IS NOT NULL AND token_fingerprint IS NOT NULL AND status = 'ok'",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(a, s, t)| (a, (s, t))).collect())
+}
+
+/// Forgets an account's clean fingerprint before anything is sent for it: if the process dies
+/// mid-way and the CRM then returns to its old rows, the account is still synced.
+pub async fn clear_source_fingerprint(pool: &PgPool, account_id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE accounts SET source_fingerprint = NULL
+         WHERE account_id = $1 AND source_fingerprint IS NOT NULL",
+    )
+    .bind(account_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records a cycle for accounts skipped because nothing changed, in one statement.
+pub async fn touch_unchanged(pool: &PgPool, account_ids: &[String]) -> Result<(), sqlx::Error> {
+    if account_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE accounts SET last_cycle_at = now(), last_success_at = now(), last_error = NULL
+         WHERE account_id = ANY($1)",
+    )
+    .bind(account_ids)
     .execute(pool)
     .await?;
     Ok(())
@@ -142,7 +187,7 @@ pub async fn mark_auth_failed(
         "INSERT INTO accounts (account_id, token_fingerprint, status, auth_failed_at, last_cycle_at, last_error)
          VALUES ($1, $2, 'auth_failed', now(), now(), $3)
          ON CONFLICT (account_id) DO UPDATE SET
-            token_fingerprint = EXCLUDED.token_fingerprint, status = 'auth_failed',
+            token_fingerprint = EXCLUDED.token_fingerprint, status = 'auth_failed', source_fingerprint = NULL,
             auth_failed_at = now(), last_cycle_at = now(), last_error = EXCLUDED.last_error",
     )
     .bind(account_id)
@@ -336,9 +381,14 @@ pub async fn open_dead_letters(
     .await
 }
 
-pub async fn count_open_dead_letters(pool: &PgPool, account_id: &str) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM dead_letters WHERE account_id = $1 AND resolved_at IS NULL",
+/// Open dead letters of an account: (all, refused by Wazzup).
+pub async fn count_open_dead_letters(
+    pool: &PgPool,
+    account_id: &str,
+) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE kind = 'rejected')
+         FROM dead_letters WHERE account_id = $1 AND resolved_at IS NULL",
     )
     .bind(account_id)
     .fetch_one(pool)

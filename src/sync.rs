@@ -17,7 +17,7 @@ use crate::domain::{
     Entity, NormalizeOptions, Normalized, SettingsDoc, UserPayload, ValidUser, normalize_account,
 };
 use crate::plan::{self, DeleteGuard, SETTINGS_RECORD, SplitStep};
-use crate::source::{self, SourceAccount, SourceError};
+use crate::source::{self, SkipUnchanged, SourceAccount, SourceError};
 use crate::state::{self, RemoteRejection};
 use crate::wazzup::{Account, ApiError, RequestStats, WazzupClient, token_fingerprint};
 
@@ -64,6 +64,8 @@ pub struct AccountReport {
     pub outcome: AccountOutcome,
     pub users_read: usize,
     pub roles_read: usize,
+    /// Skipped without reading its rows: they did not change since its last clean cycle.
+    pub source_unchanged: bool,
     pub created: usize,
     pub updated: usize,
     pub deleted: usize,
@@ -103,6 +105,7 @@ impl AccountReport {
             outcome: AccountOutcome::Completed,
             users_read: 0,
             roles_read: 0,
+            source_unchanged: false,
             created: 0,
             updated: 0,
             deleted: 0,
@@ -214,6 +217,21 @@ impl Engine {
         })
     }
 
+    /// What, besides the rows, decides what a row means: the code's version and the settings
+    /// that change normalization or deletion.
+    fn fingerprint_salt(&self) -> String {
+        crate::domain::content_hash(
+            format!(
+                "{}|{:?}|{:?}|{}",
+                env!("CARGO_PKG_VERSION"),
+                self.normalize.region,
+                self.normalize.role_map,
+                self.settings.sync.delete_missing
+            )
+            .as_bytes(),
+        )
+    }
+
     fn stopping(&self) -> bool {
         *self.shutdown.borrow()
     }
@@ -249,18 +267,31 @@ impl Engine {
             true
         };
         // Accounts arrive one at a time while the CRM is read; a few wait ahead.
+        // A plain scheduled cycle skips accounts whose rows did not change since a clean cycle.
+        let skip = SkipUnchanged {
+            enabled: !opts.dry_run && !opts.reconcile && opts.only_accounts.is_none(),
+            known: if !opts.dry_run && !opts.reconcile && opts.only_accounts.is_none() {
+                state::load_source_fingerprints(&self.state).await?
+            } else {
+                Default::default()
+            },
+            salt: self.fingerprint_salt(),
+        };
         let (rows, reader) = source::stream_snapshot(
             self.source.clone(),
             self.settings.clone(),
             self.single_account(),
             opts.only_accounts.clone(),
+            skip,
             self.settings.sync.concurrency,
         );
         let jobs = futures::stream::unfold(rows, |mut rx| async move {
-            rx.recv().await.map(|r| ((r.account, r.users, r.roles), rx))
+            rx.recv()
+                .await
+                .map(|r| ((r.account, r.users, r.roles, r.fingerprint), rx))
         });
         let reports: Vec<AccountReport> = jobs
-            .map(|(account, users, roles)| {
+            .map(|(account, users, roles, fingerprint)| {
                 let span = tracing::info_span!("account", account_id = %account.account_id);
                 async move {
                     let started = Instant::now();
@@ -283,8 +314,15 @@ impl Engine {
                         self.plan_account(&account, &norm, mirror_exists, opts, &mut report)
                             .await
                     } else {
-                        self.sync_account_locked(&account, &norm, opts, &stats, &mut report)
-                            .await
+                        self.sync_account_locked(
+                            &account,
+                            &fingerprint,
+                            &norm,
+                            opts,
+                            &stats,
+                            &mut report,
+                        )
+                        .await
                     };
                     report.outcome = outcome
                         .unwrap_or_else(|e| AccountOutcome::Failed(format!("state database: {e}")));
@@ -315,6 +353,16 @@ impl Engine {
             );
         }
         let mut reports = reports;
+        let unchanged: Vec<String> = summary.unchanged.iter().map(|(id, _)| id.clone()).collect();
+        state::touch_unchanged(&self.state, &unchanged).await?;
+        for (id, users) in &summary.unchanged {
+            let mut r = AccountReport::new(id);
+            r.users_read = *users;
+            r.unchanged = *users;
+            r.source_unchanged = true;
+            log_account(&r, false);
+            reports.push(r);
+        }
         reports.sort_by(|a, b| a.account_id.cmp(&b.account_id));
         let report = CycleReport {
             run_id,
@@ -400,6 +448,7 @@ impl Engine {
     async fn sync_account_locked(
         &self,
         account: &SourceAccount,
+        source_fingerprint: &str,
         norm: &Normalized,
         opts: &CycleOptions,
         stats: &RequestStats,
@@ -410,7 +459,9 @@ impl Engine {
         if !state::try_lock_account(&mut lock_conn, schema, &account.account_id).await? {
             return Ok(AccountOutcome::Locked);
         }
-        let result = self.sync_account(account, norm, opts, stats, report).await;
+        let result = self
+            .sync_account(account, source_fingerprint, norm, opts, stats, report)
+            .await;
         if state::unlock_account(&mut lock_conn, schema, &account.account_id)
             .await
             .is_err()
@@ -424,6 +475,7 @@ impl Engine {
     async fn sync_account(
         &self,
         account: &SourceAccount,
+        source_fingerprint: &str,
         norm: &Normalized,
         opts: &CycleOptions,
         stats: &RequestStats,
@@ -446,6 +498,8 @@ impl Engine {
                 ));
             }
         }
+
+        state::clear_source_fingerprint(&self.state, id).await?;
 
         // Local rejections: written when new or changed, never sent.
         let open = state::open_dead_letters(&self.state, id).await?;
@@ -506,7 +560,8 @@ impl Engine {
                 }
                 Err(e) => {
                     let why = format!("could not read the account back from Wazzup: {e}");
-                    state::finish_account(&self.state, id, &fingerprint, false, Some(&why)).await?;
+                    state::finish_account(&self.state, id, &fingerprint, false, Some(&why), None)
+                        .await?;
                     return Ok(AccountOutcome::Incomplete(why));
                 }
             }
@@ -690,15 +745,25 @@ impl Engine {
             AccountOutcome::Incomplete(why) => Some(why.as_str()),
             _ => None,
         };
-        let open_now = state::count_open_dead_letters(&self.state, id).await?;
+        let (open_now, open_rejected) = state::count_open_dead_letters(&self.state, id).await?;
         metrics::gauge!("wazzup_sync_open_dead_letters", "account_id" => id.to_string())
             .set(open_now as f64);
+        // Clean: nothing left to send or retry, so unchanged rows next time mean nothing to do.
+        let clean = outcome == AccountOutcome::Completed
+            && report.deferred == 0
+            && report.waiting == 0
+            && report.deletes_blocked.is_none()
+            && report.rejected_remotely == 0
+            && open_rejected == 0;
         state::finish_account(
             &self.state,
             id,
             &fingerprint,
             outcome == AccountOutcome::Completed,
             error,
+            clean
+                .then_some(source_fingerprint)
+                .filter(|f| !f.is_empty()),
         )
         .await?;
         Ok(outcome)
@@ -1235,6 +1300,7 @@ fn log_account(r: &AccountReport, dry_run: bool) {
                 outcome = r.outcome.label(),
                 reason,
                 read = r.users_read,
+                source_unchanged = r.source_unchanged,
                 created = r.created,
                 updated = r.updated,
                 deleted = r.deleted,

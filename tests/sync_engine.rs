@@ -834,3 +834,62 @@ async fn integer_and_uuid_columns_are_read_as_text_in_multi_account_mode() {
         "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
     );
 }
+
+#[tokio::test]
+async fn an_account_whose_rows_did_not_change_is_not_read_again_until_something_changes() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    db.add_account("a2", "tok-2").await;
+    sim.add_account("tok-1");
+    sim.add_account("tok-2");
+    db.add_users("a1", 5).await;
+    db.add_users("a2", 5).await;
+    let first = sync(&db, &sim, &[]).await;
+    assert!(first.accounts.iter().all(|a| !a.source_unchanged));
+
+    let second = sync(&db, &sim, &[]).await;
+    assert!(
+        second
+            .accounts
+            .iter()
+            .all(|a| a.source_unchanged && a.unchanged == 5),
+        "{second:?}"
+    );
+
+    // A change in one account's rows, or in a setting that changes what rows mean, is seen.
+    db.exec(
+        "UPDATE wazzup_user_roles SET role = 'auditor' WHERE account_id = 'a2' AND user_id = 'u1'",
+    )
+    .await;
+    let third = sync(&db, &sim, &[]).await;
+    let by_id = |r: &wazzup_sync::sync::CycleReport, id: &str| {
+        r.accounts
+            .iter()
+            .find(|a| a.account_id == id)
+            .unwrap()
+            .clone()
+    };
+    assert!(by_id(&third, "a1").source_unchanged);
+    assert!(!by_id(&third, "a2").source_unchanged);
+    assert!(by_id(&third, "a2").settings_pushed);
+    let with_region = sync(
+        &db,
+        &sim,
+        &[("WAZZUP_SYNC__SOURCE__DEFAULT_PHONE_REGION", "RU")],
+    )
+    .await;
+    assert!(with_region.accounts.iter().all(|a| !a.source_unchanged));
+    // A rotated token is a change too.
+    db.exec("UPDATE wazzup_accounts SET token = 'tok-1b' WHERE account_id = 'a1'")
+        .await;
+    sim.add_account("tok-1b");
+    let rotated = sync(
+        &db,
+        &sim,
+        &[("WAZZUP_SYNC__SOURCE__DEFAULT_PHONE_REGION", "RU")],
+    )
+    .await;
+    assert!(!by_id(&rotated, "a1").source_unchanged);
+    assert!(by_id(&rotated, "a2").source_unchanged);
+}
