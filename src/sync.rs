@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use futures::StreamExt;
-use secrecy::SecretString;
 use serde::Serialize;
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -1266,11 +1265,6 @@ impl<'a> Progress<'a> {
             );
         }
     }
-}
-
-/// Whether a secret is set; used so callers never format the value.
-pub fn is_set(s: &SecretString) -> bool {
-    !secrecy::ExposeSecret::expose_secret(s).is_empty()
 }
 
 fn log_account(r: &AccountReport, dry_run: bool) {
