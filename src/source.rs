@@ -215,6 +215,8 @@ pub struct SkipUnchanged {
     pub known: HashMap<String, (String, String)>,
     /// Mixed into every fingerprint: the settings that change what the rows mean.
     pub salt: String,
+    /// Set once known: how many accounts will be handed over (for progress lines).
+    pub to_sync: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// What the reader learned about the rows it could not hand to an account.
@@ -490,6 +492,12 @@ async fn read_rows(
     for id in &quiet {
         by_id.remove(id);
     }
+    let wanted_count = by_id
+        .keys()
+        .filter(|id| only.as_ref().is_none_or(|o| o.contains(*id)))
+        .count();
+    skip.to_sync
+        .store(wanted_count, std::sync::atomic::Ordering::Relaxed);
     if by_id.is_empty() {
         return Ok(summary);
     }

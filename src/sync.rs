@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -275,7 +276,9 @@ impl Engine {
                 Default::default()
             },
             salt: self.fingerprint_salt(),
+            to_sync: Arc::new(AtomicUsize::new(0)),
         };
+        let progress = CycleProgress::start(skip.to_sync.clone());
         let (rows, reader) = source::stream_snapshot(
             self.source.clone(),
             self.settings.clone(),
@@ -291,6 +294,7 @@ impl Engine {
         });
         let reports: Vec<AccountReport> = jobs
             .map(|(account, users, roles, fingerprint)| {
+                let progress = &progress;
                 let span = tracing::info_span!("account", account_id = %account.account_id);
                 async move {
                     let started = Instant::now();
@@ -329,6 +333,7 @@ impl Engine {
                     report.retries = stats.retries();
                     report.duration_ms = started.elapsed().as_millis() as u64;
                     log_account(&report, opts.dry_run);
+                    progress.account_done(report.created + report.updated);
                     report
                 }
                 .instrument(span)
@@ -336,6 +341,7 @@ impl Engine {
             .buffer_unordered(self.settings.sync.concurrency)
             .collect()
             .await;
+        progress.stop();
         let summary = reader.await.map_err(|e| {
             CycleError::Source(SourceError::Database(sqlx::Error::Protocol(format!(
                 "the CRM reader stopped: {e}"
@@ -1228,6 +1234,54 @@ fn user_rejection(u: &ValidUser, status: u16, code: &str, description: &str) -> 
         http_status: Some(status),
         payload: serde_json::to_value(&u.payload).unwrap_or_default(),
         payload_hash: u.hash.clone(),
+    }
+}
+
+/// Logs a long cycle's progress every few seconds: accounts done of those to sync, users
+/// pushed, and the rate.
+struct CycleProgress {
+    accounts_done: Arc<AtomicUsize>,
+    users_pushed: Arc<AtomicUsize>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl CycleProgress {
+    fn start(to_sync: Arc<AtomicUsize>) -> Self {
+        let accounts_done = Arc::new(AtomicUsize::new(0));
+        let users_pushed = Arc::new(AtomicUsize::new(0));
+        let (done, pushed) = (accounts_done.clone(), users_pushed.clone());
+        let started = Instant::now();
+        let ticker = tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                let pushed = pushed.load(AtomicOrdering::Relaxed);
+                tracing::info!(
+                    accounts_done = done.load(AtomicOrdering::Relaxed),
+                    accounts_total = to_sync.load(AtomicOrdering::Relaxed),
+                    users_pushed = pushed,
+                    users_per_sec =
+                        (pushed as f64 / started.elapsed().as_secs_f64()).round() as u64,
+                    "Cycle in progress"
+                );
+            }
+        });
+        Self {
+            accounts_done,
+            users_pushed,
+            ticker,
+        }
+    }
+
+    fn account_done(&self, users_pushed: usize) {
+        self.accounts_done.fetch_add(1, AtomicOrdering::Relaxed);
+        self.users_pushed
+            .fetch_add(users_pushed, AtomicOrdering::Relaxed);
+    }
+
+    fn stop(&self) {
+        self.ticker.abort();
     }
 }
 

@@ -384,3 +384,33 @@ async fn a_notification_from_the_crm_syncs_its_account_without_waiting_for_the_s
     );
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_long_cycle_reports_its_progress_every_few_seconds() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    for i in 1..=3 {
+        db.add_account(&format!("a{i}"), &format!("tok-{i}")).await;
+        sim.add_account(&format!("tok-{i}"));
+        db.add_users(&format!("a{i}"), 150).await;
+    }
+    // 3 accounts x 3 requests, 700 ms each, one account at a time: about 6 s.
+    sim.set_latency(700);
+
+    let out = run_bin(
+        &["sync"],
+        &env_for(&db, &sim, &[("WAZZUP_SYNC__SYNC__CONCURRENCY", "1")]),
+    )
+    .await;
+
+    assert!(out.status.success(), "{}", text(&out));
+    let log = text(&out);
+    let line = log
+        .lines()
+        .find(|l| l.contains("\"Cycle in progress\""))
+        .unwrap_or_else(|| panic!("no progress line in {log}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["accounts_total"], 3);
+    assert!(v["accounts_done"].as_u64().unwrap() < 3);
+    assert!(v["users_pushed"].as_u64().is_some() && v["users_per_sec"].as_u64().is_some());
+}
