@@ -414,3 +414,38 @@ async fn a_long_cycle_reports_its_progress_every_few_seconds() {
     assert!(v["accounts_done"].as_u64().unwrap() < 3);
     assert!(v["users_pushed"].as_u64().is_some() && v["users_per_sec"].as_u64().is_some());
 }
+
+#[tokio::test]
+async fn check_reports_each_part_and_fails_on_a_missing_column_or_a_refused_token() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    db.add_account("a2", "tok-refused").await;
+    sim.add_account("tok-1");
+
+    let out = run_bin(&["check"], &env_for(&db, &sim, &[])).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    for line in [
+        "ok   configuration",
+        "ok   CRM database reachable",
+        "ok   state database reachable",
+        "ok   users query columns",
+        "ok   user roles query columns",
+        "ok   accounts query columns",
+        "ok   account a1: token accepted",
+        "FAIL account a2: Wazzup refused the account's token (HTTP 401)",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing from\n{stdout}");
+    }
+    assert!(!stdout.contains("tok-"), "no token printed");
+
+    db.exec("DELETE FROM wazzup_accounts WHERE account_id = 'a2'; ALTER TABLE wazzup_users DROP COLUMN name").await;
+    let out = run_bin(&["check"], &env_for(&db, &sim, &[])).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout.contains("FAIL The users query has no column `name`"),
+        "{stdout}"
+    );
+}
