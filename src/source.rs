@@ -106,9 +106,13 @@ fn text(
     let Some(i) = idx else { return Ok(None) };
     let ty = row.columns()[i].type_info().name().to_string();
     match ty.to_ascii_uppercase().as_str() {
-        "TEXT" | "VARCHAR" | "BPCHAR" | "NAME" | "CHAR" | "\"CHAR\"" | "CITEXT" | "UNKNOWN" => {
+        "TEXT" | "VARCHAR" | "NAME" | "CITEXT" | "UNKNOWN" => {
             Ok(row.try_get::<Option<String>, _>(i)?)
         }
+        // char(n) pads with spaces that mean nothing (and that `::text` drops).
+        "BPCHAR" | "CHAR" => Ok(row
+            .try_get::<Option<String>, _>(i)?
+            .map(|v| v.trim_end_matches(' ').to_string())),
         "INT2" => Ok(row.try_get::<Option<i16>, _>(i)?.map(|v| v.to_string())),
         "INT4" => Ok(row.try_get::<Option<i32>, _>(i)?.map(|v| v.to_string())),
         "INT8" => Ok(row.try_get::<Option<i64>, _>(i)?.map(|v| v.to_string())),
@@ -506,7 +510,8 @@ async fn read_rows(
     let ordered = |q: &str| {
         if multi {
             format!(
-                "SELECT * FROM ({q}) AS q WHERE NOT (account_id::text = ANY($1::text[])) \
+                "SELECT * FROM ({q}) AS q \
+                 WHERE account_id IS NULL OR NOT (account_id::text = ANY($1::text[])) \
                  ORDER BY account_id::text COLLATE \"C\""
             )
         } else {

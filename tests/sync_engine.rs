@@ -893,3 +893,30 @@ async fn an_account_whose_rows_did_not_change_is_not_read_again_until_something_
     assert!(!by_id(&rotated, "a1").source_unchanged);
     assert!(by_id(&rotated, "a2").source_unchanged);
 }
+
+#[tokio::test]
+async fn padded_char_account_ids_are_matched_and_their_changes_seen() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE wazzup_accounts (account_id char(6), token text);
+         CREATE TABLE wazzup_users (account_id char(6), id text, name text);
+         CREATE TABLE wazzup_user_roles (account_id char(6), user_id text, channel_id text, role text,
+                                         allow_get_new_clients boolean);
+         INSERT INTO wazzup_accounts VALUES ('ab', 'tok-1');
+         INSERT INTO wazzup_users VALUES ('ab', 'u1', 'One'), (NULL, 'stray', 'Stray');",
+    )
+    .await;
+    let sim = simulator().await;
+    sim.add_account("tok-1");
+    let first = sync(&db, &sim, &[]).await;
+    assert_eq!(first.accounts[0].account_id, "ab");
+    assert_eq!(first.orphan_users, 1);
+    assert!(sync(&db, &sim, &[]).await.accounts[0].source_unchanged);
+
+    db.exec("UPDATE wazzup_users SET name = 'One again' WHERE id = 'u1'")
+        .await;
+    let third = sync(&db, &sim, &[]).await;
+
+    assert!(!third.accounts[0].source_unchanged, "the change is seen");
+    assert_eq!(sim.users("tok-1")["u1"].name, "One again");
+}
