@@ -175,22 +175,14 @@ async fn try_main(cli: Cli) -> ExitCode {
                             allow_mass_delete: app::allow_set(&allow_mass_delete),
                             ..Default::default()
                         };
-                        let report = app::sync_once(settings, opts).await?;
-                        for line in app::failed_accounts(&report) {
-                            eprintln!("wazzup-sync: account not synced: {line}");
-                        }
-                        Ok(ExitCode::from(app::exit_code(&report) as u8))
+                        sync_and_report(settings, opts).await
                     }
                     Command::Reconcile => {
                         let opts = CycleOptions {
                             reconcile: true,
                             ..Default::default()
                         };
-                        let report = app::sync_once(settings, opts).await?;
-                        for line in app::failed_accounts(&report) {
-                            eprintln!("wazzup-sync: account not synced: {line}");
-                        }
-                        Ok(ExitCode::from(app::exit_code(&report) as u8))
+                        sync_and_report(settings, opts).await
                     }
                     Command::Plan { format } => {
                         let report = app::plan(settings).await?;
@@ -269,8 +261,7 @@ async fn dead_letter_command(
                     only_accounts: Some(accounts.into_iter().collect()),
                     ..Default::default()
                 };
-                let report = app::sync_once(settings, opts).await?;
-                return Ok(ExitCode::from(app::exit_code(&report) as u8));
+                return sync_and_report(settings, opts).await;
             }
         }
         DeadLetterCommand::Discard {
@@ -283,4 +274,13 @@ async fn dead_letter_command(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One cycle, each account that did not complete named on stderr, and the exit code.
+async fn sync_and_report(settings: Settings, opts: CycleOptions) -> anyhow::Result<ExitCode> {
+    let report = app::sync_once(settings, opts).await?;
+    for line in app::failed_accounts(&report) {
+        eprintln!("wazzup-sync: account not synced: {line}");
+    }
+    Ok(ExitCode::from(app::exit_code(&report) as u8))
 }

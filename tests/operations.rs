@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -39,13 +38,7 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
             ("WAZZUP_SYNC__SYNC__SCHEDULE", "*/1 * * * * *"),
         ],
     );
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wazzup-sync"));
-    cmd.arg("run")
-        .envs(env.iter().cloned())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let child = cmd.spawn().unwrap();
+    let child = spawn_bin(&["run"], &env);
     let pid = child.id().unwrap();
 
     let base = format!("http://{listen}");
@@ -119,13 +112,7 @@ async fn readiness_fails_while_a_database_is_unreachable() {
             ),
         ],
     );
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wazzup-sync"));
-    cmd.arg("run")
-        .envs(env.iter().cloned())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_bin(&["run"], &env);
     // It keeps retrying its migration rather than exiting, and is alive but not ready.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(
@@ -338,13 +325,7 @@ async fn a_notification_from_the_crm_syncs_its_account_without_waiting_for_the_s
             ("WAZZUP_SYNC__HTTP__ENABLED", "false"),
         ],
     );
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wazzup-sync"));
-    cmd.arg("run")
-        .envs(env.iter().cloned())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_bin(&["run"], &env);
     for _ in 0..100 {
         if sim.users("tok-1").len() == 2 {
             break;

@@ -3,23 +3,12 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
 use sqlx::Executor;
 use wazzup_sync::domain::UserPayload;
 use wazzup_sync::simulator::{Fault, Simulator};
-
-fn spawn(args: &[&str], env: &[(String, String)]) -> tokio::process::Child {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wazzup-sync"));
-    cmd.args(args)
-        .envs(env.iter().cloned())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd.spawn().unwrap()
-}
 
 async fn three_accounts(db: &TestDb, sim: &Simulator, users: usize) {
     for i in 1..=3 {
@@ -71,7 +60,7 @@ async fn killed_at_any_point_a_restart_converges_without_resending_what_was_ackn
         let sim = simulator().await;
         three_accounts(&db, &sim, 250).await;
         let env = env_for(&db, &sim, &[]);
-        let child = spawn(&["sync"], &env);
+        let child = spawn_bin(&["sync"], &env);
         sim.signal_at_request(n, child.id().unwrap(), "KILL");
         let out = child.wait_with_output().await.unwrap();
         assert_eq!(
@@ -128,7 +117,7 @@ async fn sigterm_lets_the_request_in_flight_finish_and_records_it() {
     // The second POST is slow; SIGTERM arrives while it is in flight.
     sim.push_fault(Some("POST"), None, Fault::Delay { ms: 0 });
     sim.push_fault(Some("POST"), None, Fault::Delay { ms: 1500 });
-    let child = spawn(&["run"], &env);
+    let child = spawn_bin(&["run"], &env);
     sim.signal_at_request(2, child.id().unwrap(), "TERM");
 
     let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
@@ -181,7 +170,7 @@ async fn a_database_restart_mid_run_fails_a_cycle_cleanly_and_the_daemon_recover
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    let mut child = spawn(&["run"], &env);
+    let mut child = spawn_bin(&["run"], &env);
     for _ in 0..100 {
         if sim.users("tok-1").contains_key("u1") {
             break;
@@ -246,8 +235,8 @@ async fn two_replicas_never_sync_one_account_at_once_and_take_over_from_each_oth
             ("WAZZUP_SYNC__HTTP__ENABLED", "false"),
         ],
     );
-    let mut a = spawn(&["run"], &env);
-    let mut b = spawn(&["run"], &env);
+    let mut a = spawn_bin(&["run"], &env);
+    let mut b = spawn_bin(&["run"], &env);
     let all_done = |sim: &Simulator| (1..=6).all(|i| sim.users(&format!("tok-{i}")).len() == 250);
     for _ in 0..200 {
         if all_done(&sim) {

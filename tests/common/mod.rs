@@ -240,8 +240,8 @@ pub async fn sync(db: &TestDb, sim: &Simulator, extra: &[(&str, &str)]) -> Cycle
         .expect("cycle runs")
 }
 
-/// Runs the real binary with exactly these WAZZUP_SYNC variables.
-pub async fn run_bin(args: &[&str], env: &[(String, String)]) -> Output {
+/// The real binary with exactly these WAZZUP_SYNC variables (none inherited from the shell).
+fn command(args: &[&str], env: &[(String, String)]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_wazzup-sync"));
     cmd.args(args);
     for (k, _) in std::env::vars() {
@@ -249,9 +249,22 @@ pub async fn run_bin(args: &[&str], env: &[(String, String)]) -> Output {
             cmd.env_remove(k);
         }
     }
-    cmd.envs(env.iter().cloned());
-    cmd.kill_on_drop(true);
-    cmd.output().await.expect("run wazzup-sync")
+    cmd.envs(env.iter().cloned()).kill_on_drop(true);
+    cmd
+}
+
+/// Runs the binary to its end.
+pub async fn run_bin(args: &[&str], env: &[(String, String)]) -> Output {
+    command(args, env).output().await.expect("run wazzup-sync")
+}
+
+/// Starts the binary with its output captured; it is killed when dropped.
+pub fn spawn_bin(args: &[&str], env: &[(String, String)]) -> tokio::process::Child {
+    command(args, env)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start wazzup-sync")
 }
 
 pub fn text(out: &Output) -> String {
