@@ -122,7 +122,7 @@ pub async fn run(admin_url: &str, accounts: usize, users: usize, keep: bool) -> 
     say_cycle("First sync", &r, &sim, before, t);
 
     crm.execute(
-        "UPDATE employees SET full_name = full_name || ' (senior)' WHERE id % 50 = 1;
+        "UPDATE employees SET full_name = full_name || ' (senior)' WHERE id % 50 = 1 AND btrim(full_name) <> '';
          UPDATE employees SET is_active = false WHERE id % 97 = 0;
          UPDATE channel_access SET crm_role = 'Supervisor' WHERE employee_id % 41 = 0;",
     )
