@@ -51,6 +51,9 @@ pub struct SourceSettings {
     pub accounts_query: String,
     pub default_phone_region: String,
     pub max_connections: u32,
+    pub connect_timeout_secs: u64,
+    /// A direct (session) connection for LISTEN when the URL goes through a transaction pooler.
+    pub listen_url: SecretString,
     #[serde(default)]
     pub role_map: BTreeMap<String, String>,
 }
@@ -61,6 +64,7 @@ pub struct StateSettings {
     pub url: SecretString,
     pub schema: String,
     pub max_connections: u32,
+    pub connect_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +160,21 @@ impl Settings {
             PgConnectOptions::from_str(s.state.url.expose_secret())
                 .map_err(|_| bad("STATE__URL", "is not a valid PostgreSQL URL"))?;
         }
+        if !s.source.listen_url.expose_secret().trim().is_empty() {
+            PgConnectOptions::from_str(s.source.listen_url.expose_secret())
+                .map_err(|_| bad("SOURCE__LISTEN_URL", "is not a valid PostgreSQL URL"))?;
+        }
+        for (key, secs) in [
+            (
+                "SOURCE__CONNECT_TIMEOUT_SECS",
+                s.source.connect_timeout_secs,
+            ),
+            ("STATE__CONNECT_TIMEOUT_SECS", s.state.connect_timeout_secs),
+        ] {
+            if secs == 0 {
+                return Err(bad(key, "must be at least 1"));
+            }
+        }
         if !is_identifier(&s.state.schema) {
             return Err(bad(
                 "STATE__SCHEMA",
@@ -183,7 +202,7 @@ impl Settings {
         for (crm, api) in &s.source.role_map {
             if Role::parse_api(api).is_none() {
                 return Err(ConfigError(format!(
-                    "{ENV_PREFIX}__SOURCE__ROLE_MAP__{}: '{api}' is not an API role (seller, manager, auditor)",
+                    "{ENV_PREFIX}__SOURCE__ROLE_MAP__{}: '{api}' is not an API role: write exactly seller, manager or auditor (the UI's Manager is seller, Supervisor is manager, Quality Control is auditor)",
                     crm.to_uppercase()
                 )));
             }
@@ -268,6 +287,26 @@ impl Settings {
             &self.source.url
         } else {
             &self.state.url
+        }
+    }
+
+    /// The URL LISTEN uses: `source.listen_url`, or the CRM URL when that is empty.
+    pub fn listen_url(&self) -> &SecretString {
+        if self.source.listen_url.expose_secret().trim().is_empty() {
+            &self.source.url
+        } else {
+            &self.source.listen_url
+        }
+    }
+
+    /// The variable an operator fixes when the state database cannot be reached.
+    pub fn state_url_variable(&self) -> String {
+        if self.state.url.expose_secret().trim().is_empty() {
+            format!(
+                "{ENV_PREFIX}__SOURCE__URL, which the state database uses while {ENV_PREFIX}__STATE__URL is unset"
+            )
+        } else {
+            format!("{ENV_PREFIX}__STATE__URL")
         }
     }
 

@@ -25,14 +25,98 @@ pub enum Role {
 }
 
 impl Role {
-    /// Parses an API value exactly (case and surrounding space forgiven).
+    /// Parses an API value exactly: only `seller`, `manager` and `auditor`, surrounding spaces
+    /// forgiven. `Manager` is the UI name of `seller`, so no other spelling is accepted.
     pub fn parse_api(s: &str) -> Option<Role> {
-        match s.trim().to_ascii_lowercase().as_str() {
+        match s.trim() {
             "seller" => Some(Role::Seller),
             "manager" => Some(Role::Manager),
             "auditor" => Some(Role::Auditor),
             _ => None,
         }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Seller => "seller",
+            Role::Manager => "manager",
+            Role::Auditor => "auditor",
+        }
+    }
+
+    /// How much of the account's chats the role opens: seller < auditor < manager.
+    pub fn reach(self) -> u8 {
+        match self {
+            Role::Seller => 0,
+            Role::Auditor => 1,
+            Role::Manager => 2,
+        }
+    }
+}
+
+/// Why a CRM role value was not turned into an API role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleRefusal {
+    /// `ambiguous_role` or `unknown_role`.
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Reads a CRM role value: the operator's map decides first (keys folded to lower case), then
+/// only the exact API values pass. Any other spelling of `manager` is the UI name of `seller`
+/// and is refused as ambiguous, never read as `manager`.
+pub fn read_role(raw: &str, map: &BTreeMap<String, Role>) -> Result<Role, RoleRefusal> {
+    let trimmed = raw.trim();
+    if let Some(role) = map.get(&trimmed.to_lowercase()) {
+        return Ok(*role);
+    }
+    if let Some(role) = Role::parse_api(trimmed) {
+        return Ok(role);
+    }
+    let shown = clip(trimmed);
+    let how_to_map = |to: &str| role_map_hint(trimmed, to);
+    if trimmed.eq_ignore_ascii_case("manager") {
+        return Err(RoleRefusal {
+            code: "ambiguous_role",
+            message: format!(
+                "The role {shown:?} is ambiguous: \"Manager\" is the Wazzup UI name of the API role seller (own contacts only), while the API role manager is the UI's \"Supervisor\" (every chat). It is not read as manager. Map it: {} for the UI's Manager, or write exactly \"manager\" in the view for a Supervisor",
+                how_to_map("seller")
+            ),
+        });
+    }
+    let near = if trimmed.eq_ignore_ascii_case("seller") || trimmed.eq_ignore_ascii_case("auditor")
+    {
+        format!(
+            "; only the exact lower-case API value passes: write \"{}\" in the view or map it with {}",
+            trimmed.to_lowercase(),
+            how_to_map(&trimmed.to_lowercase())
+        )
+    } else {
+        format!(
+            "; map it with {}",
+            how_to_map("<seller, manager or auditor>")
+        )
+    };
+    Err(RoleRefusal {
+        code: "unknown_role",
+        message: format!(
+            "The role {shown:?} is not one of the API values seller, manager, auditor (UI names: Manager = seller, Supervisor = manager, Quality Control = auditor) and is not in source.role_map{near}"
+        ),
+    })
+}
+
+/// How to map a CRM role value: an environment variable when the value can name one, else TOML.
+fn role_map_hint(crm: &str, to: &str) -> String {
+    if !crm.is_empty()
+        && crm.len() <= 64
+        && crm.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        format!("WAZZUP_SYNC__SOURCE__ROLE_MAP__{}={to}", crm.to_uppercase())
+    } else {
+        format!(
+            "[source.role_map] {:?} = \"{to}\" in the config file",
+            clip(crm)
+        )
     }
 }
 
@@ -157,6 +241,8 @@ pub struct ValidUser {
     pub phone_source: Option<String>,
     /// Whether libphonenumber knows the phone's range.
     pub phone_valid: bool,
+    /// The CRM's phone, masked, when it could not be read and the user is sent without one.
+    pub unreadable_phone: Option<String>,
 }
 
 /// Phones read in earlier cycles, by user id: (phone source, international digits or None
@@ -265,6 +351,36 @@ pub fn mask_phone(digits: &str) -> String {
     format!("{head} *** *{tail}")
 }
 
+/// Masks a phone as the CRM wrote it (it may not be a phone at all), for logs and `plan`:
+/// separators stay, digits are hidden except the last two (and the first three of a long one).
+pub fn mask_raw_phone(raw: &str) -> String {
+    let raw: String = raw
+        .trim()
+        .chars()
+        .take(40)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let digits = raw.chars().filter(char::is_ascii_digit).count();
+    if digits <= 4 {
+        return raw;
+    }
+    let head = if digits >= 7 { 3 } else { 0 };
+    let mut seen = 0;
+    raw.chars()
+        .map(|c| {
+            if !c.is_ascii_digit() {
+                return c;
+            }
+            seen += 1;
+            if seen <= head || seen > digits - 2 {
+                c
+            } else {
+                '*'
+            }
+        })
+        .collect()
+}
+
 /// Masks every run of seven or more digits (a phone, most likely) in a text meant for logs.
 pub fn mask_digits(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -298,7 +414,7 @@ pub fn compare_ids(a: &str, b: &str) -> Ordering {
 }
 
 /// Cuts long strings so a hostile row cannot bloat the dead-letter table.
-fn clip(s: &str) -> String {
+pub fn clip(s: &str) -> String {
     if s.chars().count() <= MAX_STORED_CHARS {
         s.to_string()
     } else {
@@ -472,10 +588,12 @@ pub fn normalize_account(
             },
             _ => Phone::Missing,
         };
+        let mut unreadable_phone = None;
         let (phone, phone_valid) = match reading {
             Phone::Missing => (None, false),
             Phone::Unreadable => {
                 out.phone_warnings += 1;
+                unreadable_phone = u.phone.as_deref().map(mask_raw_phone);
                 (None, false)
             }
             Phone::Parsed { digits, valid } => {
@@ -492,6 +610,7 @@ pub fn normalize_account(
             hide_phone: u.hide_phone.unwrap_or(false),
             phone_source: source,
             phone_valid,
+            unreadable_phone,
         });
     }
 
@@ -566,19 +685,10 @@ pub fn normalize_account(
                 continue;
             }
         };
-        let raw_role = r.role.as_deref().unwrap_or("");
-        let role = match Role::parse_api(raw_role)
-            .or_else(|| opts.role_map.get(&raw_role.trim().to_lowercase()).copied())
-        {
-            Some(role) => role,
-            None => {
-                reject(
-                    "unknown_role",
-                    format!(
-                        "The role {:?} is not one of seller, manager, auditor (UI names: Manager = seller, Supervisor = manager, Quality Control = auditor) and is not in the role map",
-                        clip(raw_role)
-                    ),
-                );
+        let role = match read_role(r.role.as_deref().unwrap_or(""), &opts.role_map) {
+            Ok(role) => role,
+            Err(refusal) => {
+                reject(refusal.code, refusal.message);
                 continue;
             }
         };
@@ -755,6 +865,7 @@ mod tests {
             &PhoneCache::new(),
         );
         assert_eq!(n.users[0].payload.phone, None);
+        assert_eq!(n.users[0].unreadable_phone.as_deref(), Some("n/a"));
         assert_eq!(n.phone_warnings, 1);
         assert!(n.rejected.is_empty());
     }
@@ -825,6 +936,57 @@ mod tests {
         assert_eq!(n.roles[1].role, Role::Manager);
         let codes: Vec<_> = n.rejected.iter().map(|r| r.code).collect();
         assert_eq!(codes, ["unknown_role", "empty_channel_id", "unknown_user"]);
+    }
+
+    #[test]
+    fn the_operators_map_decides_before_the_api_values() {
+        let map: BTreeMap<String, Role> = [
+            ("manager".to_string(), Role::Seller),
+            ("supervisor".to_string(), Role::Manager),
+        ]
+        .into();
+        for raw in ["Manager", "MANAGER", "manager", " manager "] {
+            assert_eq!(read_role(raw, &map), Ok(Role::Seller), "{raw}");
+        }
+        assert_eq!(read_role("SUPERVISOR", &map), Ok(Role::Manager));
+        assert_eq!(read_role(" auditor", &map), Ok(Role::Auditor));
+    }
+
+    #[test]
+    fn without_a_map_entry_a_capitalised_manager_is_ambiguous_and_never_read_as_manager() {
+        let none = BTreeMap::new();
+        assert_eq!(read_role(" manager ", &none), Ok(Role::Manager));
+        for raw in ["Manager", "MANAGER", "mAnAgEr"] {
+            let e = read_role(raw, &none).unwrap_err();
+            assert_eq!(e.code, "ambiguous_role", "{raw}");
+            assert!(
+                e.message
+                    .contains("WAZZUP_SYNC__SOURCE__ROLE_MAP__MANAGER=seller"),
+                "{}",
+                e.message
+            );
+        }
+        for raw in ["Seller", "AUDITOR", "admin", "Quality Control", ""] {
+            assert_eq!(
+                read_role(raw, &none).unwrap_err().code,
+                "unknown_role",
+                "{raw}"
+            );
+        }
+        assert!(
+            read_role("Quality Control", &none)
+                .unwrap_err()
+                .message
+                .contains("[source.role_map] \"Quality Control\"")
+        );
+    }
+
+    #[test]
+    fn a_raw_phone_is_masked_but_keeps_its_shape() {
+        assert_eq!(mask_raw_phone("12"), "12");
+        assert_eq!(mask_raw_phone("+7 912 345-67-89"), "+7 91* ***-**-89");
+        assert_eq!(mask_raw_phone("12345"), "***45");
+        assert_eq!(mask_raw_phone("call me"), "call me");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod app;
 pub mod config;
+pub mod db;
 pub mod dead_letters;
 pub mod demo;
 pub mod domain;

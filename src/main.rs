@@ -34,6 +34,10 @@ enum Command {
     Plan {
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
         format: String,
+        /// One line per record: creates, updates (with the fields that change), deletes, role
+        /// rows added, changed or removed; changes that widen access are marked.
+        #[arg(long)]
+        detail: bool,
     },
     /// Create or update the state schema.
     Migrate,
@@ -184,8 +188,8 @@ async fn try_main(cli: Cli) -> ExitCode {
                         };
                         sync_and_report(settings, opts).await
                     }
-                    Command::Plan { format } => {
-                        let report = app::plan(settings).await?;
+                    Command::Plan { format, detail } => {
+                        let report = app::plan(settings, detail).await?;
                         if format == "json" {
                             println!("{}", serde_json::to_string_pretty(&report)?);
                         } else {
@@ -217,7 +221,15 @@ async fn try_main(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("wazzup-sync: {e:#}");
+            // One line per database that cannot be reached; otherwise the cause chain, once.
+            match e.downcast_ref::<wazzup_sync::db::Unreachable>() {
+                Some(unreachable) => {
+                    for line in &unreachable.0 {
+                        eprintln!("wazzup-sync: {line}");
+                    }
+                }
+                None => eprintln!("wazzup-sync: {e:#}"),
+            }
             ExitCode::from(1)
         }
     }
@@ -228,6 +240,7 @@ async fn dead_letter_command(
     cmd: DeadLetterCommand,
 ) -> anyhow::Result<ExitCode> {
     let pool = state::connect(&settings)?;
+    wazzup_sync::db::probe_all(&[&state::target(&settings)?]).await?;
     if !state::is_migrated(&pool, &settings.state.schema).await? {
         println!("No state schema yet: nothing has been synced.");
         return Ok(ExitCode::SUCCESS);

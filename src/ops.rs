@@ -1,40 +1,52 @@
 //! The operator's HTTP surface: `/healthz`, `/readyz`, `/metrics`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use crate::config::Settings;
+use crate::db::Target;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use sqlx::PgPool;
-
-use crate::config::Settings;
 
 /// What `/readyz` looks at.
 pub struct Health {
-    source: PgPool,
-    state: PgPool,
+    source: Target,
+    state: Target,
     /// Unix seconds of the last cycle that ran to its end; 0 before the first.
     last_cycle: AtomicI64,
     started: i64,
     max_age: Duration,
+    /// False until the state database answered and its schema was migrated.
+    migrated: AtomicBool,
+    /// Why LISTEN does not work, when it does not.
+    listen_problem: Mutex<Option<String>>,
+    /// The last answer and when it was computed: probes and scrapes come in bursts.
+    cached: Mutex<Option<(Instant, Option<String>)>>,
 }
 
+/// How long a readiness answer is reused.
+const READY_CACHE: Duration = Duration::from_secs(2);
+
 impl Health {
-    pub fn new(settings: &Settings, source: PgPool, state: PgPool) -> Arc<Self> {
+    pub fn new(settings: &Settings, source: Target, state: Target) -> Arc<Self> {
         let period =
             crate::config::cron_period(&settings.sync.schedule).unwrap_or(Duration::from_secs(30));
+        metrics::gauge!("wazzup_sync_schedule_period_seconds").set(period.as_secs_f64());
         Arc::new(Self {
             source,
             state,
             last_cycle: AtomicI64::new(0),
             started: chrono::Utc::now().timestamp(),
             max_age: period * settings.http.ready_max_periods.max(1) + Duration::from_secs(60),
+            migrated: AtomicBool::new(false),
+            listen_problem: Mutex::new(None),
+            cached: Mutex::new(None),
         })
     }
 
@@ -43,19 +55,50 @@ impl Health {
         let now = chrono::Utc::now().timestamp();
         self.last_cycle.store(now, Ordering::Relaxed);
         metrics::gauge!("wazzup_sync_last_cycle_timestamp_seconds").set(now as f64);
+        self.forget_answer();
     }
 
-    /// None when ready; otherwise why not.
+    /// What readiness depends on changed: the next question is answered afresh.
+    fn forget_answer(&self) {
+        *self.cached.lock().expect("health") = None;
+    }
+
+    /// Called once the state schema is up to date.
+    pub fn migrated(&self) {
+        self.migrated.store(true, Ordering::Relaxed);
+        self.forget_answer();
+    }
+
+    /// Records why LISTEN does not work (None: it works).
+    pub fn listen_failed(&self, why: Option<String>) {
+        *self.listen_problem.lock().expect("health") = why;
+        self.forget_answer();
+    }
+
+    /// None when ready; otherwise why not. Each database is asked with a fresh connection that
+    /// is closed at once, so readiness probes hold no session between cycles.
     pub async fn not_ready(&self) -> Option<String> {
-        for (name, pool) in [("CRM", &self.source), ("state", &self.state)] {
-            let ping = tokio::time::timeout(
-                Duration::from_secs(3),
-                sqlx::query("SELECT 1").execute(pool),
-            )
-            .await;
-            if !matches!(ping, Ok(Ok(_))) {
-                return Some(format!("the {name} database does not answer"));
-            }
+        if let Some((at, answer)) = self.cached.lock().expect("health").clone()
+            && at.elapsed() < READY_CACHE
+        {
+            return answer;
+        }
+        let answer = self.evaluate().await;
+        metrics::gauge!("wazzup_sync_ready").set(if answer.is_none() { 1.0 } else { 0.0 });
+        *self.cached.lock().expect("health") = Some((Instant::now(), answer.clone()));
+        answer
+    }
+
+    async fn evaluate(&self) -> Option<String> {
+        let (crm, state) = tokio::join!(self.source.probe(), self.state.probe());
+        if let Some(e) = crm.err().or(state.err()) {
+            return Some(e.to_string());
+        }
+        if !self.migrated.load(Ordering::Relaxed) {
+            return Some("the state schema is not migrated yet".into());
+        }
+        if let Some(why) = self.listen_problem.lock().expect("health").clone() {
+            return Some(why);
         }
         let last = self.last_cycle.load(Ordering::Relaxed);
         let since = if last == 0 { self.started } else { last };
@@ -126,6 +169,8 @@ async fn readyz(State(ctx): State<Ctx>) -> impl IntoResponse {
 }
 
 async fn render_metrics(State(ctx): State<Ctx>) -> impl IntoResponse {
+    // Keeps `wazzup_sync_ready` current for alerts, even when nothing probes /readyz.
+    ctx.health.not_ready().await;
     match ctx.metrics {
         Some(h) => (
             StatusCode::OK,

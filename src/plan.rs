@@ -1,11 +1,12 @@
 //! Pure decisions: what to push for an account, what its settings document is, how to split a
 //! rejected batch. No I/O here.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use serde::Serialize;
 
-use crate::domain::{Normalized, SettingsDoc, ValidUser};
+use crate::domain::{Normalized, Role, RoleEntry, SettingsDoc, ValidUser, mask_phone};
 use crate::state::OpenDeadLetter;
 
 /// Record id of the account's whole settings document in the dead-letter table.
@@ -144,6 +145,251 @@ pub fn settings_doc(
 /// True when the settings document was refused before and is not yet due again.
 pub fn settings_waiting(open: &[OpenDeadLetter], hash: &str, now: DateTime<Utc>) -> bool {
     waiting_set(open, "settings", now).get(SETTINGS_RECORD) == Some(&Some(hash))
+}
+
+/// What Wazzup last acknowledged for a user: the mirror's name and phone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LastPushed {
+    /// None for users synced before names were kept.
+    pub name: Option<String>,
+    pub phone: Option<String>,
+}
+
+/// One record of `plan --detail`: what a cycle would do to one user or one of its role rows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PlanRecord {
+    pub account_id: String,
+    pub user_id: String,
+    #[serde(flatten)]
+    pub change: Change,
+    /// Set only on changes that give a user more access than before.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub widens_access: bool,
+}
+
+/// A role row's values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Access {
+    pub role: Role,
+    pub allow_get_new_clients: bool,
+}
+
+impl Access {
+    fn of(r: &RoleEntry) -> Self {
+        Self {
+            role: r.role,
+            allow_get_new_clients: r.allow_get_new_clients,
+        }
+    }
+
+    /// True when `self` opens more than `before`: a wider role or new clients turned on.
+    fn widens(self, before: Access) -> bool {
+        self.role.reach() > before.role.reach()
+            || (self.allow_get_new_clients && !before.allow_get_new_clients)
+    }
+}
+
+/// A field's value before and after; phones masked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldChange {
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+/// What changes, by kind of record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum Change {
+    Create {
+        name: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        phone: Option<String>,
+    },
+    Update {
+        changes: BTreeMap<&'static str, FieldChange>,
+    },
+    Delete,
+    /// A deletion the mass-deletion guard holds back.
+    DeleteHeld,
+    RoleAdded {
+        channel_id: String,
+        #[serde(flatten)]
+        access: Access,
+    },
+    RoleChanged {
+        channel_id: String,
+        from: Access,
+        to: Access,
+    },
+    RoleRemoved {
+        channel_id: String,
+        #[serde(flatten)]
+        access: Access,
+    },
+    /// The user's phone numbers of contacts become hidden (`true`) or shown (`false`).
+    HidePhoneNumbers {
+        hidden: bool,
+    },
+    /// The CRM's phone could not be read: the user is sent without one.
+    UnreadablePhone {
+        phone: String,
+    },
+    /// Refused before reaching Wazzup; a dead letter says why.
+    Refused {
+        entity: &'static str,
+        record_id: String,
+        code: &'static str,
+        reason: String,
+    },
+}
+
+/// The settings document and users a dry run compares against.
+pub struct DetailInput<'a> {
+    pub account_id: &'a str,
+    pub norm: &'a Normalized,
+    pub plan: &'a UserPlan<'a>,
+    pub mirrored: &'a HashMap<String, LastPushed>,
+    pub previous_doc: Option<&'a SettingsDoc>,
+    pub next_doc: &'a SettingsDoc,
+    /// Deletions the guard holds back.
+    pub held_deletes: &'a [String],
+}
+
+/// Every record a cycle would change, one per user or role row, in a stable order.
+pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
+    let record = |user_id: &str, change: Change, widens_access: bool| PlanRecord {
+        account_id: input.account_id.to_string(),
+        user_id: user_id.to_string(),
+        change,
+        widens_access,
+    };
+    let mut out = Vec::new();
+    for u in &input.plan.creates {
+        let change = Change::Create {
+            name: u.payload.name.clone(),
+            phone: u.payload.phone.as_deref().map(mask_phone),
+        };
+        out.push(record(&u.payload.id, change, false));
+    }
+    for u in &input.plan.updates {
+        let before = input
+            .mirrored
+            .get(&u.payload.id)
+            .cloned()
+            .unwrap_or_default();
+        let mut changes = BTreeMap::new();
+        if before.name.as_deref() != Some(u.payload.name.as_str()) {
+            changes.insert(
+                "name",
+                FieldChange {
+                    from: before.name.clone(),
+                    to: Some(u.payload.name.clone()),
+                },
+            );
+        }
+        if before.phone != u.payload.phone {
+            changes.insert(
+                "phone",
+                FieldChange {
+                    from: before.phone.as_deref().map(mask_phone),
+                    to: u.payload.phone.as_deref().map(mask_phone),
+                },
+            );
+        }
+        out.push(record(&u.payload.id, Change::Update { changes }, false));
+    }
+    for id in &input.plan.deletes {
+        out.push(record(id, Change::Delete, false));
+    }
+    for id in input.held_deletes {
+        out.push(record(id, Change::DeleteHeld, false));
+    }
+    out.extend(
+        role_changes(input.previous_doc, input.next_doc)
+            .into_iter()
+            .map(|(user_id, change, widens)| record(&user_id, change, widens)),
+    );
+    for u in &input.norm.users {
+        if let Some(phone) = &u.unreadable_phone {
+            let change = Change::UnreadablePhone {
+                phone: phone.clone(),
+            };
+            out.push(record(&u.payload.id, change, false));
+        }
+    }
+    for r in &input.norm.rejected {
+        let user_id = r.record_id.split('/').next().unwrap_or_default();
+        let change = Change::Refused {
+            entity: r.entity.as_str(),
+            record_id: r.record_id.clone(),
+            code: r.code,
+            reason: r.message.clone(),
+        };
+        out.push(record(user_id, change, false));
+    }
+    out
+}
+
+/// Role rows added, changed and removed between two settings documents, and the users whose
+/// contacts' phones become hidden or shown: (user id, change, widens access).
+fn role_changes(before: Option<&SettingsDoc>, after: &SettingsDoc) -> Vec<(String, Change, bool)> {
+    let index = |doc: Option<&SettingsDoc>| -> BTreeMap<(String, String), Access> {
+        doc.map(|d| {
+            d.user_roles
+                .iter()
+                .map(|r| ((r.user_id.clone(), r.channel_id.clone()), Access::of(r)))
+                .collect()
+        })
+        .unwrap_or_default()
+    };
+    let (old, new) = (index(before), index(Some(after)));
+    let mut out = Vec::new();
+    for ((user_id, channel_id), access) in &new {
+        let key = (user_id.clone(), channel_id.clone());
+        match old.get(&key) {
+            None => {
+                let widens = matches!(access.role, Role::Manager | Role::Auditor);
+                let change = Change::RoleAdded {
+                    channel_id: channel_id.clone(),
+                    access: *access,
+                };
+                out.push((user_id.clone(), change, widens));
+            }
+            Some(prev) if prev != access => {
+                let change = Change::RoleChanged {
+                    channel_id: channel_id.clone(),
+                    from: *prev,
+                    to: *access,
+                };
+                out.push((user_id.clone(), change, access.widens(*prev)));
+            }
+            Some(_) => {}
+        }
+    }
+    for ((user_id, channel_id), access) in &old {
+        if !new.contains_key(&(user_id.clone(), channel_id.clone())) {
+            let change = Change::RoleRemoved {
+                channel_id: channel_id.clone(),
+                access: *access,
+            };
+            out.push((user_id.clone(), change, false));
+        }
+    }
+    let hidden = |doc: Option<&SettingsDoc>| -> HashSet<String> {
+        doc.map(|d| d.hide_phone_numbers_for_user_ids.iter().cloned().collect())
+            .unwrap_or_default()
+    };
+    let (was, now) = (hidden(before), hidden(Some(after)));
+    let mut flips: Vec<(String, bool)> = now
+        .difference(&was)
+        .map(|u| (u.clone(), true))
+        .chain(was.difference(&now).map(|u| (u.clone(), false)))
+        .collect();
+    flips.sort();
+    for (user_id, hidden) in flips {
+        out.push((user_id, Change::HidePhoneNumbers { hidden }, false));
+    }
+    out
 }
 
 /// What to do with a batch Wazzup refused.
@@ -321,6 +567,131 @@ mod tests {
         assert_eq!(users, ["1", "2", "4"]);
         assert_eq!(doc.hide_phone_numbers_for_user_ids, ["2", "4"]);
         assert!(doc.push_input_output_message_events_for_managers);
+    }
+
+    fn entry(user: &str, channel: &str, role: Role, new_clients: bool) -> RoleEntry {
+        RoleEntry {
+            user_id: user.into(),
+            channel_id: channel.into(),
+            role,
+            allow_get_new_clients: new_clients,
+        }
+    }
+
+    fn doc(roles: Vec<RoleEntry>) -> SettingsDoc {
+        SettingsDoc {
+            user_roles: roles,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_changes_that_give_more_access_are_marked_as_widening() {
+        use Role::*;
+        let before = doc(vec![
+            entry("s2m", "c", Seller, false),
+            entry("s2a", "c", Seller, false),
+            entry("a2m", "c", Auditor, false),
+            entry("m2s", "c", Manager, true),
+            entry("on", "c", Seller, false),
+            entry("off", "c", Seller, true),
+            entry("gone", "c", Manager, false),
+            entry("same", "c", Manager, true),
+        ]);
+        let after = doc(vec![
+            entry("s2m", "c", Manager, false),
+            entry("s2a", "c", Auditor, false),
+            entry("a2m", "c", Manager, false),
+            entry("m2s", "c", Seller, true),
+            entry("on", "c", Seller, true),
+            entry("off", "c", Seller, false),
+            entry("same", "c", Manager, true),
+            entry("new-m", "c", Manager, false),
+            entry("new-a", "c", Auditor, false),
+            entry("new-s", "c", Seller, false),
+        ]);
+        let widening: Vec<String> = role_changes(Some(&before), &after)
+            .into_iter()
+            .filter(|(_, _, w)| *w)
+            .map(|(u, _, _)| u)
+            .collect();
+        assert_eq!(widening, ["a2m", "new-a", "new-m", "on", "s2a", "s2m"]);
+        let all: Vec<String> = role_changes(Some(&before), &after)
+            .into_iter()
+            .map(|(u, _, _)| u)
+            .collect();
+        assert!(all.contains(&"gone".to_string()) && all.contains(&"m2s".to_string()));
+        assert!(!all.contains(&"same".to_string()));
+    }
+
+    #[test]
+    fn the_detail_names_every_record_with_masked_phones_and_the_fields_that_change() {
+        let mut n = norm(&["1", "2", "3"]);
+        n.users[2].payload.phone = Some("37126123456".into());
+        n.users[2].hash = "new".into();
+        n.users[1].unreadable_phone = Some("12".into());
+        let mut mirror = HashMap::new();
+        mirror.insert("1".to_string(), n.users[0].hash.clone());
+        mirror.insert("3".to_string(), "old".to_string());
+        mirror.insert("9".to_string(), "old".to_string());
+        let p = plan_users(
+            &n,
+            &mirror,
+            &HashSet::new(),
+            &[],
+            Utc::now(),
+            true,
+            DeleteGuard { min: 10, ..GUARD },
+        );
+        let mirrored: HashMap<String, LastPushed> = [(
+            "3".to_string(),
+            LastPushed {
+                name: Some("User 3".into()),
+                phone: Some("37126000000".into()),
+            },
+        )]
+        .into();
+        let next = doc(vec![]);
+        let records = detail(&DetailInput {
+            account_id: "a1",
+            norm: &n,
+            plan: &p,
+            mirrored: &mirrored,
+            previous_doc: None,
+            next_doc: &next,
+            held_deletes: &[],
+        });
+        let json = serde_json::to_value(&records).unwrap();
+        let actions: Vec<(&str, &str)> = json
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["user_id"].as_str().unwrap(),
+                    r["action"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            actions,
+            [
+                ("2", "create"),
+                ("3", "update"),
+                ("9", "delete"),
+                ("2", "unreadable_phone")
+            ]
+        );
+        assert_eq!(
+            json[1]["changes"],
+            serde_json::json!({"phone": {"from": "371 *** *00", "to": "371 *** *56"}})
+        );
+        assert!(
+            json.as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["account_id"] == "a1" && r.get("widens_access").is_none())
+        );
     }
 
     #[test]

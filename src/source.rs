@@ -27,9 +27,45 @@ pub enum SourceError {
         found: String,
         expected: &'static str,
     },
-    // The cause is in the message, not chained, so a log line says it once.
-    #[error("Failed to read the CRM database: {0}")]
+    /// One of the three queries failed in the database (the cause is said once, in the message).
+    #[error("The {query} query failed: {}", crate::db::describe(.error))]
+    Query {
+        query: &'static str,
+        error: sqlx::Error,
+    },
+    #[error("Failed to read the CRM database: {}", crate::db::describe(.0))]
     Database(sqlx::Error),
+}
+
+impl SourceError {
+    /// The database error underneath, when there is one.
+    pub fn sqlx(&self) -> Option<&sqlx::Error> {
+        match self {
+            SourceError::Query { error, .. } | SourceError::Database(error) => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// Names the query a database error came from.
+fn in_query(query: &'static str) -> impl Fn(sqlx::Error) -> SourceError {
+    move |error| SourceError::Query { query, error }
+}
+
+/// A CRM statement, unnamed: named prepared statements break behind a transaction pooler.
+fn crm_query(
+    sql: String,
+) -> sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    sqlx::query(AssertSqlSafe(sql)).persistent(false)
+}
+
+/// A read-only transaction on the CRM. It is read-only by the SQL that opens it, not by a
+/// startup parameter, which PgBouncer refuses.
+pub async fn begin_read_only(
+    pool: &PgPool,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, sqlx::Error> {
+    pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
 }
 
 impl From<sqlx::Error> for SourceError {
@@ -55,17 +91,37 @@ impl std::fmt::Debug for SourceAccount {
     }
 }
 
-/// Opens a pool whose sessions are read-only: the daemon can never write to the CRM.
-pub fn connect(settings: &Settings) -> Result<PgPool, sqlx::Error> {
-    let opts = PgConnectOptions::from_str(settings.source.url.expose_secret())?
+/// How the daemon connects to the CRM at `url`. Nothing here needs a session: no startup
+/// `options`, no named statements, so a transaction pooler such as PgBouncer works in between.
+/// Every read runs in a READ ONLY transaction: the daemon can never write to the CRM.
+pub fn connect_options(url: &SecretString) -> Result<PgConnectOptions, sqlx::Error> {
+    let opts = PgConnectOptions::from_str(url.expose_secret())?
         .application_name("wazzup-sync")
-        .options([("default_transaction_read_only", "on")]);
+        .extra_float_digits(None)
+        .statement_cache_capacity(0);
     // Reading the whole CRM is slow by design; sqlx's slow-statement warnings would be noise.
-    let opts = sqlx::ConnectOptions::disable_statement_logging(opts);
+    Ok(sqlx::ConnectOptions::disable_statement_logging(opts))
+}
+
+/// Opens the CRM pool; idle sessions are closed, so a quiet daemon holds none.
+pub fn connect(settings: &Settings) -> Result<PgPool, sqlx::Error> {
+    let opts = connect_options(&settings.source.url)?;
     Ok(PgPoolOptions::new()
         .max_connections(settings.source.max_connections.max(1))
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(settings.source.connect_timeout_secs))
+        .idle_timeout(crate::db::IDLE_TIMEOUT)
         .connect_lazy_with(opts))
+}
+
+/// Where the CRM database is, for connection errors.
+pub fn target(settings: &Settings) -> Result<crate::db::Target, sqlx::Error> {
+    Ok(crate::db::Target::new(
+        crate::db::Which::Crm,
+        connect_options(&settings.source.url)?,
+        Duration::from_secs(settings.source.connect_timeout_secs),
+        format!("{}__SOURCE__URL", crate::config::ENV_PREFIX),
+        "WAZZUP_SYNC__SOURCE__CONNECT_TIMEOUT_SECS",
+    ))
 }
 
 /// The columns each query must or may return.
@@ -165,39 +221,76 @@ impl Columns {
     }
 }
 
-/// Checks a query's columns without reading its rows (`LIMIT 0`).
+/// Checks a query's columns and their types on at most one row. The query is joined to a
+/// single row so that an empty result still describes its columns.
 pub async fn check_query(
     pool: &PgPool,
     sql: &str,
     shape: &QueryShape,
     needs_account_id: bool,
 ) -> Result<(), SourceError> {
-    let mut conn = pool.acquire().await?;
-    let wrapped = format!("SELECT * FROM ({sql}) AS q LIMIT 0");
-    let describe = sqlx::Executor::describe(
-        &mut *conn,
-        sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(wrapped)),
-    )
-    .await?;
-    let names: Vec<String> = describe
-        .columns()
-        .iter()
-        .map(|c| c.name().to_lowercase())
-        .collect();
+    let mut tx = begin_read_only(pool).await?;
+    let wrapped = format!(
+        "SELECT q.* FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT * FROM ({sql}) AS q LIMIT 1) AS q ON true"
+    );
+    let row = crm_query(wrapped)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(in_query(shape.name))?;
+    tx.rollback().await?;
     let extra: &[&'static str] = if needs_account_id {
         &["account_id"]
     } else {
         &[]
     };
     for c in shape.required.iter().chain(extra) {
-        if !names.iter().any(|n| n == c) {
+        if column_index(&row, c).is_none() {
             return Err(SourceError::MissingColumn {
                 query: shape.name,
                 column: c,
             });
         }
     }
+    let all: Vec<&'static str> = shape
+        .required
+        .iter()
+        .chain(shape.optional)
+        .copied()
+        .collect();
+    for name in all {
+        let idx = column_index(&row, name);
+        if BOOLEAN_COLUMNS.contains(&name) {
+            boolean(&row, shape.name, idx)?;
+        } else {
+            text(&row, shape.name, idx)?;
+        }
+    }
     Ok(())
+}
+
+/// The columns read as booleans; every other column is read as text.
+const BOOLEAN_COLUMNS: [&str; 3] = [
+    "hide_phone",
+    "allow_get_new_clients",
+    "push_input_output_message_events_for_managers",
+];
+
+/// Every distinct value of the roles query's `role` column with its number of rows (for `check`).
+pub async fn role_values(
+    pool: &PgPool,
+    settings: &Settings,
+) -> Result<Vec<(Option<String>, i64)>, SourceError> {
+    let mut tx = begin_read_only(pool).await?;
+    let rows: Vec<(Option<String>, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT role::text, count(*) FROM ({}) AS q GROUP BY 1 ORDER BY 2 DESC, 1",
+        settings.source.roles_query
+    )))
+    .persistent(false)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(in_query(ROLES_SHAPE.name))?;
+    tx.rollback().await?;
+    Ok(rows)
 }
 
 /// One account's rows, as the streaming reader hands them over.
@@ -241,11 +334,15 @@ async fn read_accounts(
     settings: &Settings,
     summary: &mut ReadSummary,
 ) -> Result<Vec<SourceAccount>, SourceError> {
-    let mut rows = sqlx::query(AssertSqlSafe(settings.source.accounts_query.clone())).fetch(conn);
+    let mut rows = crm_query(settings.source.accounts_query.clone()).fetch(conn);
     let mut cols: Option<Columns> = None;
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut all = Vec::new();
-    while let Some(row) = rows.try_next().await? {
+    while let Some(row) = rows
+        .try_next()
+        .await
+        .map_err(in_query(ACCOUNTS_SHAPE.name))?
+    {
         let c = match &cols {
             Some(c) => c,
             None => cols.insert(Columns::of(
@@ -305,13 +402,10 @@ pub async fn list_accounts(
     pool: &PgPool,
     settings: &Settings,
 ) -> Result<(Vec<SourceAccount>, ReadSummary), SourceError> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION READ ONLY")
-        .execute(&mut *tx)
-        .await?;
+    let mut tx = begin_read_only(pool).await?;
     let mut summary = ReadSummary::default();
     let accounts = read_accounts(&mut tx, settings, &mut summary).await?;
-    tx.commit().await?;
+    tx.rollback().await?;
     Ok((accounts, summary))
 }
 
@@ -360,7 +454,12 @@ struct RowReader<'c, T> {
 
 impl<T> RowReader<'_, T> {
     async fn advance(&mut self) -> Result<(), SourceError> {
-        self.head = match self.rows.try_next().await? {
+        let next = self
+            .rows
+            .try_next()
+            .await
+            .map_err(in_query(self.shape.name))?;
+        self.head = match next {
             None => None,
             Some(row) => {
                 if self.cols.is_none() {
@@ -421,8 +520,8 @@ pub fn stream_snapshot(
         let mut b = pool.acquire().await?;
         let result = read_rows(&mut a, &mut b, &settings, single, only, skip, tx).await;
         if result.is_ok() {
-            sqlx::query("COMMIT").execute(&mut *b).await?;
-            sqlx::query("COMMIT").execute(&mut *a).await?;
+            sqlx::raw_sql("COMMIT").execute(&mut *b).await?;
+            sqlx::raw_sql("COMMIT").execute(&mut *a).await?;
         } else {
             // Never hand a session with an open transaction back to the pool.
             let _ = a.close().await;
@@ -443,16 +542,17 @@ async fn read_rows(
     tx: tokio::sync::mpsc::Sender<AccountRows>,
 ) -> Result<ReadSummary, SourceError> {
     let mut summary = ReadSummary::default();
-    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *a)
         .await?;
     let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .persistent(false)
         .fetch_one(&mut *a)
         .await?;
-    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+    sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *b)
         .await?;
-    sqlx::query(AssertSqlSafe(format!(
+    sqlx::raw_sql(AssertSqlSafe(format!(
         "SET TRANSACTION SNAPSHOT '{}'",
         snapshot.replace('\'', "")
     )))
@@ -523,10 +623,7 @@ async fn read_rows(
             if multi { q.bind(quiet.clone()) } else { q }
         };
     let mut users = RowReader {
-        rows: bind_quiet(sqlx::query(AssertSqlSafe(ordered(
-            &settings.source.users_query,
-        ))))
-        .fetch(&mut *a),
+        rows: bind_quiet(crm_query(ordered(&settings.source.users_query))).fetch(&mut *a),
         cols: None,
         shape: &USERS_SHAPE,
         names: &USER_COLUMNS,
@@ -536,10 +633,7 @@ async fn read_rows(
         head: None,
     };
     let mut roles = RowReader {
-        rows: bind_quiet(sqlx::query(AssertSqlSafe(ordered(
-            &settings.source.roles_query,
-        ))))
-        .fetch(&mut *b),
+        rows: bind_quiet(crm_query(ordered(&settings.source.roles_query))).fetch(&mut *b),
         cols: None,
         shape: &ROLES_SHAPE,
         names: &ROLE_COLUMNS,
@@ -657,8 +751,10 @@ async fn fingerprints(
     let mut out: HashMap<String, (i64, String, i64, String)> = HashMap::new();
     let users: Vec<(Option<String>, i64, String)> =
         sqlx::query_as(AssertSqlSafe(sql(&settings.source.users_query)))
+            .persistent(false)
             .fetch_all(&mut *conn)
-            .await?;
+            .await
+            .map_err(in_query(USERS_SHAPE.name))?;
     for (id, n, sum) in users {
         let e = out.entry(id.unwrap_or_default()).or_default();
         e.0 = n;
@@ -666,8 +762,10 @@ async fn fingerprints(
     }
     let roles: Vec<(Option<String>, i64, String)> =
         sqlx::query_as(AssertSqlSafe(sql(&settings.source.roles_query)))
+            .persistent(false)
             .fetch_all(&mut *conn)
-            .await?;
+            .await
+            .map_err(in_query(ROLES_SHAPE.name))?;
     for (id, n, sum) in roles {
         let e = out.entry(id.unwrap_or_default()).or_default();
         e.2 = n;

@@ -17,34 +17,81 @@ use crate::domain::{Entity, Rejection, SettingsDoc};
 /// The embedded migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// Opens the state pool; its sessions' search_path is the state schema.
-pub fn connect(settings: &Settings) -> Result<PgPool, sqlx::Error> {
-    let opts = PgConnectOptions::from_str(settings.state_url().expose_secret())?
-        .application_name("wazzup-sync")
-        .options([("search_path", settings.state.schema.as_str())]);
-    Ok(PgPoolOptions::new()
-        // Each account in flight holds one session for its lock and uses one more for its queries.
-        .max_connections(
-            settings
-                .state
-                .max_connections
-                .max(2 * settings.sync.concurrency as u32 + 2),
-        )
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy_with(opts))
+fn connect_options(settings: &Settings) -> Result<PgConnectOptions, sqlx::Error> {
+    Ok(
+        PgConnectOptions::from_str(settings.state_url().expose_secret())?
+            .application_name("wazzup-sync")
+            .options([("search_path", settings.state.schema.as_str())]),
+    )
 }
 
-/// Creates the schema if needed and applies pending migrations (additive only).
-pub async fn migrate(pool: &PgPool, schema: &str) -> anyhow::Result<()> {
-    let mut conn = pool.acquire().await?;
+/// Opens the state pool; its sessions' search_path is the state schema. The state needs real
+/// sessions (search_path, advisory locks): a direct connection or a session pooler. A session
+/// whose search_path did not take (a pooler that drops startup options) is refused, so the
+/// tables can never land in another schema.
+pub fn connect(settings: &Settings) -> Result<PgPool, sqlx::Error> {
+    let schema = settings.state.schema.clone();
+    Ok(PgPoolOptions::new()
+        // Each account in flight holds one session for its lock and uses one more for its queries.
+        .max_connections(pool_size(settings))
+        .acquire_timeout(Duration::from_secs(settings.state.connect_timeout_secs))
+        .idle_timeout(crate::db::IDLE_TIMEOUT)
+        .after_connect(move |conn, _| {
+            let schema = schema.clone();
+            Box::pin(async move {
+                let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if path.trim_matches('"') != schema {
+                    return Err(sqlx::Error::Configuration(
+                        format!("the state session's search_path is {path:?}, not {schema:?}: the state database needs a direct connection or a session pooler (PgBouncer in transaction mode drops it)").into(),
+                    ));
+                }
+                Ok(())
+            })
+        })
+        .connect_lazy_with(connect_options(settings)?))
+}
+
+/// Connections the state pool may open: at least a lock session and a query session per
+/// account in flight, plus two.
+pub fn pool_size(settings: &Settings) -> u32 {
+    settings
+        .state
+        .max_connections
+        .max(2 * settings.sync.concurrency as u32 + 2)
+}
+
+/// Where the state database is, for connection errors.
+pub fn target(settings: &Settings) -> Result<crate::db::Target, sqlx::Error> {
+    Ok(crate::db::Target::new(
+        crate::db::Which::State,
+        connect_options(settings)?,
+        Duration::from_secs(settings.state.connect_timeout_secs),
+        settings.state_url_variable(),
+        "WAZZUP_SYNC__STATE__CONNECT_TIMEOUT_SECS",
+    ))
+}
+
+/// Creates the schema if needed and applies pending migrations (additive only). The error says
+/// the cause once, in a line.
+pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), String> {
+    let describe = |e: sqlx::Error| crate::db::describe(&e);
+    let mut conn = pool.acquire().await.map_err(describe)?;
     // The schema name was checked to be a plain identifier at start-up.
     sqlx::query(AssertSqlSafe(format!(
         "CREATE SCHEMA IF NOT EXISTS {schema}"
     )))
     .execute(&mut *conn)
-    .await?;
-    MIGRATOR.run(&mut *conn).await?;
-    Ok(())
+    .await
+    .map_err(describe)?;
+    MIGRATOR.run(&mut *conn).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(e) => crate::db::describe(&e),
+        sqlx::migrate::MigrateError::ExecuteMigration(e, version) => {
+            format!("migration {version}: {}", crate::db::describe(&e))
+        }
+        other => other.to_string(),
+    })
 }
 
 /// True when the state tables exist (a dry run must not create them).
@@ -229,6 +276,42 @@ pub async fn load_mirror(
     Ok(rows.into_iter().collect())
 }
 
+/// The last acknowledged name and phone of an account's users (for `plan --detail`).
+pub async fn load_mirrored_users(
+    pool: &PgPool,
+    account_id: &str,
+) -> Result<HashMap<String, crate::plan::LastPushed>, sqlx::Error> {
+    type Row = (String, Option<String>, Option<String>);
+    let rows: Result<Vec<Row>, _> =
+        sqlx::query_as("SELECT user_id, name, phone FROM mirror_users WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_all(pool)
+            .await;
+    match rows {
+        Ok(rows) => Ok(rows
+            .into_iter()
+            .map(|(id, name, phone)| (id, crate::plan::LastPushed { name, phone }))
+            .collect()),
+        // A schema not yet migrated this far: nothing known.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42703") => {
+            Ok(Default::default())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Open dead letters per account, for every account the state knows (0 included).
+pub async fn open_dead_letter_counts(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT a.account_id, count(d.id) FROM (
+             SELECT account_id FROM accounts UNION SELECT account_id FROM dead_letters
+         ) AS a LEFT JOIN dead_letters d ON d.account_id = a.account_id AND d.resolved_at IS NULL
+         GROUP BY a.account_id ORDER BY a.account_id",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// Notes users about to be sent, before the request: if the process dies before recording the
 /// answer, the next cycle still knows they may be in Wazzup.
 pub async fn mark_pending(
@@ -310,16 +393,18 @@ pub async fn upsert_mirror(
     let sources: Vec<Option<&str>> = users.iter().map(|u| u.phone_source.as_deref()).collect();
     let phones: Vec<Option<&str>> = users.iter().map(|u| u.payload.phone.as_deref()).collect();
     let valid: Vec<bool> = users.iter().map(|u| u.phone_valid).collect();
+    let names: Vec<&str> = users.iter().map(|u| u.payload.name.as_str()).collect();
     sqlx::query(
         "WITH done AS (
             DELETE FROM pending_users WHERE account_id = $1 AND user_id = ANY($2)
          )
-         INSERT INTO mirror_users (account_id, user_id, hash, synced_at, phone_source, phone, phone_valid)
-         SELECT $1, u.id, u.hash, now(), u.source, u.phone, u.valid
-         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bool[])
-              AS u(id, hash, source, phone, valid)
+         INSERT INTO mirror_users (account_id, user_id, hash, synced_at, phone_source, phone, phone_valid, name)
+         SELECT $1, u.id, u.hash, now(), u.source, u.phone, u.valid, u.name
+         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::text[])
+              AS u(id, hash, source, phone, valid, name)
          ON CONFLICT (account_id, user_id) DO UPDATE SET hash = EXCLUDED.hash, synced_at = now(),
-            phone_source = EXCLUDED.phone_source, phone = EXCLUDED.phone, phone_valid = EXCLUDED.phone_valid",
+            phone_source = EXCLUDED.phone_source, phone = EXCLUDED.phone, phone_valid = EXCLUDED.phone_valid,
+            name = EXCLUDED.name",
     )
     .bind(account_id)
     .bind(ids)
@@ -327,6 +412,7 @@ pub async fn upsert_mirror(
     .bind(sources)
     .bind(phones)
     .bind(valid)
+    .bind(names)
     .execute(pool)
     .await?;
     Ok(())

@@ -16,7 +16,7 @@ use crate::config::Settings;
 use crate::domain::{
     Entity, NormalizeOptions, Normalized, SettingsDoc, UserPayload, ValidUser, normalize_account,
 };
-use crate::plan::{self, DeleteGuard, SETTINGS_RECORD, SplitStep};
+use crate::plan::{self, DeleteGuard, PlanRecord, SETTINGS_RECORD, SplitStep};
 use crate::source::{self, SkipUnchanged, SourceAccount, SourceError};
 use crate::state::{self, RemoteRejection};
 use crate::wazzup::{Account, ApiError, RequestStats, WazzupClient, token_fingerprint};
@@ -96,6 +96,9 @@ pub struct AccountReport {
     pub would_create: usize,
     pub would_update: usize,
     pub would_delete: usize,
+    /// In a detailed dry run: every record that would change.
+    #[serde(skip)]
+    pub records: Vec<PlanRecord>,
 }
 
 impl AccountReport {
@@ -130,6 +133,7 @@ impl AccountReport {
             would_create: 0,
             would_update: 0,
             would_delete: 0,
+            records: Vec::new(),
         }
     }
 }
@@ -143,6 +147,9 @@ pub struct CycleReport {
     pub orphan_users: usize,
     pub orphan_roles: usize,
     pub duration_ms: u64,
+    /// In a detailed dry run: every record that would change, account by account.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub records: Option<Vec<PlanRecord>>,
 }
 
 impl CycleReport {
@@ -163,6 +170,8 @@ pub struct CycleOptions {
     pub only_accounts: Option<HashSet<String>>,
     /// Read each account's users and settings back from Wazzup and repair drift first.
     pub reconcile: bool,
+    /// In a dry run: list every record that would change (`plan --detail`).
+    pub detail: bool,
 }
 
 /// The cycle could not start: the CRM could not be read.
@@ -170,7 +179,7 @@ pub struct CycleOptions {
 pub enum CycleError {
     #[error(transparent)]
     Source(#[from] SourceError),
-    #[error("Failed to read the state database: {0}")]
+    #[error("The state database: {}", crate::db::describe(.0))]
     State(sqlx::Error),
 }
 
@@ -186,6 +195,9 @@ pub struct Engine {
     pub settings: Arc<Settings>,
     pub source: PgPool,
     pub state: PgPool,
+    /// Where each database is, to say why a connection failed.
+    pub source_target: crate::db::Target,
+    pub state_target: crate::db::Target,
     pub client: WazzupClient,
     normalize: Arc<NormalizeOptions>,
     shutdown: watch::Receiver<bool>,
@@ -208,6 +220,8 @@ impl Engine {
             role_map: settings.role_map(),
         };
         Ok(Self {
+            source_target: source::target(&settings)?,
+            state_target: state::target(&settings)?,
             settings: Arc::new(settings),
             source,
             state,
@@ -215,6 +229,25 @@ impl Engine {
             normalize: Arc::new(normalize),
             shutdown,
         })
+    }
+
+    /// Checks that both databases accept a connection; Err names each one that does not.
+    pub async fn probe(&self) -> Result<(), crate::db::Unreachable> {
+        crate::db::probe_all(&[&self.source_target, &self.state_target]).await
+    }
+
+    /// Says why a cycle failed: a connection failure names the database, its host and port,
+    /// the cause and the variable to check; a failed query is named.
+    pub async fn explain(&self, e: &CycleError) -> String {
+        match e {
+            CycleError::Source(s) => match s.sqlx() {
+                Some(err) if crate::db::is_connection_error(err) => {
+                    self.source_target.explain(err).await
+                }
+                _ => s.to_string(),
+            },
+            CycleError::State(err) => self.state_target.explain(err).await,
+        }
     }
 
     /// What, besides the rows, decides what a row means: the code's version and the settings
@@ -327,8 +360,12 @@ impl Engine {
                         )
                         .await
                     };
-                    report.outcome = outcome
-                        .unwrap_or_else(|e| AccountOutcome::Failed(format!("state database: {e}")));
+                    report.outcome = outcome.unwrap_or_else(|e| {
+                        AccountOutcome::Failed(format!(
+                            "state database: {}",
+                            crate::db::describe(&e)
+                        ))
+                    });
                     report.requests = stats.requests();
                     report.retries = stats.retries();
                     report.duration_ms = started.elapsed().as_millis() as u64;
@@ -369,6 +406,12 @@ impl Engine {
             reports.push(r);
         }
         reports.sort_by(|a, b| a.account_id.cmp(&b.account_id));
+        let records = opts.detail.then(|| {
+            reports
+                .iter_mut()
+                .flat_map(|r| std::mem::take(&mut r.records))
+                .collect()
+        });
         let report = CycleReport {
             run_id,
             accounts: reports,
@@ -376,9 +419,30 @@ impl Engine {
             orphan_users: summary.orphan_users,
             orphan_roles: summary.orphan_roles,
             duration_ms: started.elapsed().as_millis() as u64,
+            records,
         };
         log_cycle(&report, opts.dry_run, opts.only_accounts.is_some());
+        if !opts.dry_run {
+            self.export_dead_letter_gauges().await;
+        }
         Ok(report)
+    }
+
+    /// Sets `wazzup_sync_open_dead_letters` for every account the state knows, from the table:
+    /// accounts skipped as unchanged, and those whose last dead letter closed, are exported too.
+    pub async fn export_dead_letter_gauges(&self) {
+        match state::open_dead_letter_counts(&self.state).await {
+            Ok(counts) => {
+                for (account_id, n) in counts {
+                    metrics::gauge!("wazzup_sync_open_dead_letters", "account_id" => account_id)
+                        .set(n as f64);
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %crate::db::describe(&e),
+                "Could not count the open dead letters for the metrics"
+            ),
+        }
     }
 
     /// Dry run for one account: reads the mirror if it exists, writes nothing, sends nothing.
@@ -398,10 +462,15 @@ impl Engine {
                 state::load_account(
                     &self.state,
                     &account.account_id,
-                    !norm.rejected_user_ids.is_empty(),
+                    opts.detail || !norm.rejected_user_ids.is_empty(),
                 )
                 .await?,
             )
+        } else {
+            Default::default()
+        };
+        let mirrored = if mirror_exists && opts.detail {
+            state::load_mirrored_users(&self.state, &account.account_id).await?
         } else {
             Default::default()
         };
@@ -436,6 +505,32 @@ impl Engine {
             account.push_input_output_message_events_for_managers,
         );
         report.settings_changed = acct_state.settings_hash.as_deref() != Some(doc.hash().as_str());
+        if opts.detail {
+            let held: Vec<String> = if p.deletes_blocked.is_some() {
+                let present: HashSet<&str> =
+                    norm.users.iter().map(|u| u.payload.id.as_str()).collect();
+                let mut held: Vec<String> = mirror
+                    .keys()
+                    .filter(|id| {
+                        !present.contains(id.as_str()) && !norm.rejected_user_ids.contains(*id)
+                    })
+                    .cloned()
+                    .collect();
+                held.sort();
+                held
+            } else {
+                Vec::new()
+            };
+            report.records = plan::detail(&plan::DetailInput {
+                account_id: &account.account_id,
+                norm,
+                plan: &p,
+                mirrored: &mirrored,
+                previous_doc: acct_state.settings_doc.as_ref(),
+                next_doc: &doc,
+                held_deletes: &held,
+            });
+        }
         Ok(AccountOutcome::Completed)
     }
 
@@ -536,7 +631,7 @@ impl Engine {
             for r in &fresh {
                 tracing::warn!(
                     entity = r.entity.as_str(),
-                    record_id = ?r.record_id,
+                    record_id = %r.record_id,
                     code = r.code,
                     reason = %r.message,
                     "Refused a CRM record; it is not sent to Wazzup"
@@ -601,6 +696,18 @@ impl Engine {
         // 1. Users: updates first, so that reaching the user limit only holds back creates.
         let mut due: Vec<&ValidUser> = p.updates.clone();
         due.extend(p.creates.iter().copied());
+        for u in &due {
+            if let Some(phone) = &u.unreadable_phone {
+                tracing::warn!(
+                    entity = "user",
+                    record_id = %u.payload.id,
+                    code = "unreadable_phone",
+                    reason = "The phone could not be read as a phone number; the user is sent without one",
+                    phone = %phone,
+                    "Sending a user without its phone"
+                );
+            }
+        }
         if !due.is_empty() {
             let in_mirror: HashSet<&str> =
                 p.updates.iter().map(|u| u.payload.id.as_str()).collect();
@@ -750,9 +857,7 @@ impl Engine {
             AccountOutcome::Incomplete(why) => Some(why.as_str()),
             _ => None,
         };
-        let (open_now, open_rejected) = state::count_open_dead_letters(&self.state, id).await?;
-        metrics::gauge!("wazzup_sync_open_dead_letters", "account_id" => id.to_string())
-            .set(open_now as f64);
+        let (_, open_rejected) = state::count_open_dead_letters(&self.state, id).await?;
         // Clean: nothing left to send or retry, so unchanged rows next time mean nothing to do.
         let clean = outcome == AccountOutcome::Completed
             && report.deferred == 0
@@ -828,10 +933,10 @@ impl Engine {
         unknown.sort();
         report.unknown_in_wazzup = unknown.len();
         if !unknown.is_empty() {
-            let sample: Vec<&String> = unknown.iter().take(10).collect();
+            let sample: Vec<&str> = unknown.iter().take(10).map(String::as_str).collect();
             tracing::warn!(
                 count = unknown.len(),
-                sample = ?sample,
+                sample = %sample.join(", "),
                 prune = self.settings.sync.prune_unknown,
                 "Wazzup holds users that the CRM does not know"
             );
@@ -1047,7 +1152,7 @@ impl Engine {
                             }
                             SplitStep::Alone => {
                                 let r = user_rejection(batch[0], status, code, description);
-                                tracing::warn!(record_id = ?r.record_id, code = %code, description = %crate::domain::mask_digits(description),
+                                tracing::warn!(record_id = %r.record_id, code = %code, description = %crate::domain::mask_digits(description),
                                 http_status = status, "Wazzup refused a user");
                                 out.rejected += 1;
                                 report.rejected_remotely += 1;
@@ -1065,7 +1170,7 @@ impl Engine {
                                     }
                                 }
                                 for r in &dead {
-                                    tracing::warn!(record_id = ?r.record_id, code = %code, description = %crate::domain::mask_digits(description),
+                                    tracing::warn!(record_id = %r.record_id, code = %code, description = %crate::domain::mask_digits(description),
                                     http_status = status, "Wazzup refused a user");
                                 }
                                 out.rejected += dead.len();
@@ -1099,7 +1204,7 @@ impl Engine {
                 continue;
             }
             for r in &held {
-                tracing::warn!(record_id = ?r.record_id, code = %r.code,
+                tracing::warn!(record_id = %r.record_id, code = %r.code,
                 description = %crate::domain::mask_digits(&r.message), "Wazzup refused a user");
             }
             out.rejected += held.len();
@@ -1186,7 +1291,7 @@ impl Engine {
                     }
                     SplitStep::Alone | SplitStep::Named(_) if batch.len() == 1 => {
                         report.rejected_remotely += 1;
-                        tracing::warn!(record_id = ?batch[0], code = %code, "Wazzup refused to delete a user");
+                        tracing::warn!(record_id = %batch[0], code = %code, "Wazzup refused to delete a user");
                         state::record_rejected(
                             &self.state,
                             id,

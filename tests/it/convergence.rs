@@ -3,12 +3,10 @@
 //! connections, timeouts, process kills). After the faults stop, two clean cycles must leave
 //! Wazzup equal to what the CRM says, with dead letters exactly for what the CRM makes invalid.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Stdio;
 
-use common::*;
+use crate::helpers::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use wazzup_sync::domain::{NormalizeOptions, SourceRole, SourceUser, normalize_account};

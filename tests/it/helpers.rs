@@ -1,6 +1,5 @@
 //! Test support: a fresh PostgreSQL database per test, a CRM with the three contract tables,
 //! settings pointing at the simulator, and the real binary.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::process::Output;
@@ -198,14 +197,12 @@ impl Drop for TestDb {
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct DeadLetter {
-    pub account_id: String,
     pub entity: String,
     pub record_id: String,
     pub kind: String,
     pub error_code: String,
     pub error_message: String,
     pub http_status: Option<i32>,
-    pub attempts: i32,
     pub payload: Option<String>,
 }
 
@@ -306,8 +303,17 @@ pub struct PrivatePg {
 }
 
 impl PrivatePg {
-    /// None when no initdb is installed (the caller says the test was skipped).
+    /// None when no initdb is installed.
     pub fn start() -> Option<Self> {
+        Self::start_with(None)
+    }
+
+    /// A server that asks `postgres` for this password (scram-sha-256).
+    pub fn start_with_password(password: &str) -> Option<Self> {
+        Self::start_with(Some(password))
+    }
+
+    fn start_with(password: Option<&str>) -> Option<Self> {
         let bindir = std::fs::read_dir("/usr/lib/postgresql")
             .ok()?
             .filter_map(|e| e.ok())
@@ -332,10 +338,24 @@ impl PrivatePg {
                 return None;
             }
         }
+        let data = pg.dir.join("data");
+        let auth = match password {
+            None => "-A trust".to_string(),
+            Some(pw) => {
+                let file = pg.dir.join("pwfile");
+                std::fs::write(&file, pw).unwrap();
+                if Self::is_root() {
+                    let _ = std::process::Command::new("chown")
+                        .args(["postgres", file.to_str().unwrap()])
+                        .status();
+                }
+                format!("-A scram-sha-256 --pwfile='{}'", file.display())
+            }
+        };
         let init = format!(
-            "'{}/initdb' -D '{}' -A trust -U postgres >/dev/null",
+            "'{}/initdb' -D '{}' {auth} -U postgres >/dev/null",
             pg.bindir.display(),
-            pg.dir.display()
+            data.display()
         );
         assert!(pg.as_owner(&init), "initdb failed");
         pg.start_server();
@@ -365,7 +385,7 @@ impl PrivatePg {
 
     pub fn start_server(&self) {
         let cmd = format!(
-            "'{}/pg_ctl' -D '{}' -l '{}/log' -w -o \"-p {} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off\" start >/dev/null",
+            "'{}/pg_ctl' -D '{}/data' -l '{}/log' -w -o \"-p {} -k '{}' -c listen_addresses=127.0.0.1 -c fsync=off\" start >/dev/null",
             self.bindir.display(),
             self.dir.display(),
             self.dir.display(),
@@ -377,7 +397,7 @@ impl PrivatePg {
 
     pub fn stop_server(&self) {
         let cmd = format!(
-            "'{}/pg_ctl' -D '{}' -m fast -w stop >/dev/null",
+            "'{}/pg_ctl' -D '{}/data' -m fast -w stop >/dev/null",
             self.bindir.display(),
             self.dir.display()
         );
@@ -392,11 +412,65 @@ impl PrivatePg {
 impl Drop for PrivatePg {
     fn drop(&mut self) {
         let cmd = format!(
-            "'{}/pg_ctl' -D '{}' -m immediate -w stop >/dev/null 2>&1",
+            "'{}/pg_ctl' -D '{}/data' -m immediate -w stop >/dev/null 2>&1",
             self.bindir.display(),
             self.dir.display()
         );
         self.as_owner(&cmd);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A TCP port nothing listens on (at the time of asking).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET a URL: (status, body), or None when nothing answers.
+pub async fn get(url: &str) -> Option<(u16, String)> {
+    let r = reqwest::get(url).await.ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.unwrap_or_default()))
+}
+
+/// Asks `url` every 100 ms until the answer satisfies `done`, for at most `secs` seconds;
+/// the last answer either way.
+pub async fn poll(url: &str, secs: u64, done: impl Fn(u16, &str) -> bool) -> Option<(u16, String)> {
+    let mut last = None;
+    for _ in 0..secs * 10 {
+        last = get(url).await;
+        if let Some((status, body)) = &last
+            && done(*status, body)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    last
+}
+
+/// The JSON log lines among a process's output (stdout and stderr).
+pub fn log_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.is_object())
+        .collect()
+}
+
+/// The first log line whose message is `message`.
+pub fn log_line(out: &str, message: &str) -> Option<serde_json::Value> {
+    log_lines(out).into_iter().find(|v| v["message"] == message)
+}
+
+/// Writes a file of the test's own (removed with the temporary directory by the OS).
+pub fn temp_file(name: &str, content: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wzs-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, content).unwrap();
+    path
 }

@@ -1,25 +1,9 @@
 //! Operating the daemon: health and metrics endpoints, signals, dead letters by hand.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::helpers::*;
 use wazzup_sync::domain::UserPayload;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn get(url: &str) -> Option<(u16, String)> {
-    let r = reqwest::get(url).await.ok()?;
-    let status = r.status().as_u16();
-    Some((status, r.text().await.unwrap_or_default()))
-}
 
 #[tokio::test]
 async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
@@ -429,4 +413,104 @@ async fn check_reports_each_part_and_fails_on_a_missing_column_or_a_refused_toke
         stdout.contains("FAIL The users query has no column `name`"),
         "{stdout}"
     );
+}
+
+#[tokio::test]
+async fn open_dead_letters_are_exported_after_a_restart_even_for_an_unchanged_account() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    db.add_account("a2", "tok-2").await;
+    sim.add_account("tok-1");
+    sim.add_account("tok-2");
+    db.add_users("a1", 2).await;
+    db.add_user("a2", "blank", "   ", None).await;
+    db.add_users("a2", 1).await;
+    let out = run_bin(&["sync"], &env_for(&db, &sim, &[])).await;
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A fresh process whose first cycle skips both accounts: nothing changed in the CRM.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let env = env_for(
+        &db,
+        &sim,
+        &[
+            ("WAZZUP_SYNC__HTTP__LISTEN", &listen),
+            ("WAZZUP_SYNC__SYNC__SCHEDULE", "0 0 0 1 1 *"),
+        ],
+    );
+    let mut child = spawn_bin(&["run"], &env);
+    let (_, metrics) = poll(&format!("http://{listen}/metrics"), 30, |s, body| {
+        s == 200 && body.contains("wazzup_sync_cycles_total")
+    })
+    .await
+    .expect("metrics");
+
+    assert!(
+        metrics.contains(r#"wazzup_sync_open_dead_letters{account_id="a2"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"wazzup_sync_open_dead_letters{account_id="a1"} 0"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("wazzup_sync_ready 1"), "{metrics}");
+    child.kill().await.unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let skipped = log_lines(&text(&out))
+        .into_iter()
+        .filter(|l| l["message"] == "Account synced" && l["source_unchanged"] == true)
+        .count();
+    assert_eq!(skipped, 2, "both accounts were skipped as unchanged");
+}
+
+/// Sessions the daemon holds on the test's database, by application name.
+async fn daemon_sessions(db: &TestDb) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'wazzup-sync' AND datname = current_database()",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_quiet_daemon_releases_its_idle_connections_and_keeps_only_the_listen_session() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    for i in 1..=4 {
+        db.add_account(&format!("a{i}"), &format!("tok-{i}")).await;
+        sim.add_account(&format!("tok-{i}"));
+        db.add_users(&format!("a{i}"), 20).await;
+    }
+    let listen = format!("127.0.0.1:{}", free_port());
+    let env = env_for(
+        &db,
+        &sim,
+        &[
+            ("WAZZUP_SYNC__HTTP__LISTEN", &listen),
+            ("WAZZUP_SYNC__SYNC__SCHEDULE", "0 0 0 1 1 *"),
+            ("WAZZUP_SYNC__SYNC__LISTEN_CHANNEL", "wazzup_sync"),
+        ],
+    );
+    let mut child = spawn_bin(&["run"], &env);
+    for _ in 0..300 {
+        if sim.users("tok-4").len() == 20 && sim.settings("tok-4").user_roles.len() == 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sim.users("tok-4").len(), 20, "the first cycle ran");
+
+    // Idle sessions are closed after 10 s; the reaper looks every 10 s.
+    let mut held = i64::MAX;
+    for _ in 0..40 {
+        held = daemon_sessions(&db).await;
+        if held <= 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(held, 1, "only the LISTEN session stays open between cycles");
+    child.kill().await.unwrap();
 }

@@ -1,11 +1,9 @@
 //! Crashes, stops, database outages, replicas, secrets and hostile data.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::*;
+use crate::helpers::*;
 use sqlx::Executor;
 use wazzup_sync::domain::UserPayload;
 use wazzup_sync::simulator::{Fault, Simulator};

@@ -1,8 +1,6 @@
 //! The sync engine end to end: a real PostgreSQL per test, the simulator over loopback HTTP.
 
-mod common;
-
-use common::*;
+use crate::helpers::*;
 use wazzup_sync::domain::{Role, UserPayload};
 use wazzup_sync::simulator::Fault;
 use wazzup_sync::sync::AccountOutcome;

@@ -1,0 +1,18 @@
+//! Every integration test in one binary (one link of the whole stack): a real PostgreSQL
+//! database per test, the Wazzup simulator over loopback HTTP, and the real binary.
+//!
+//! Tests that need a tool besides PostgreSQL are `#[ignore]`d with the tool's name and live in
+//! their own module: `scripts/test` runs `container::` where podman is installed and
+//! `pgbouncer::` where pgbouncer is.
+
+mod helpers;
+
+mod connections;
+mod container;
+mod convergence;
+mod operations;
+mod pgbouncer;
+mod plan_detail;
+mod resilience;
+mod roles;
+mod sync_engine;
