@@ -6,17 +6,27 @@ ARG BINARY_SOURCE=builder
 
 FROM rust:1.95-bookworm AS builder
 WORKDIR /src
-# Dependencies first, in a layer of their own: source edits do not rebuild them.
-COPY Cargo.toml Cargo.lock ./
-RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
-    && cargo build --release --locked \
-    && rm -rf src
+# Dependencies first, in a layer of their own: source edits do not rebuild them. Every member
+# of the workspace needs its manifest (and a stub) for the dependency graph to resolve.
+COPY Cargo.toml Cargo.lock clippy.toml ./
+COPY crates/wazzup-api/Cargo.toml crates/wazzup-api/
+COPY crates/wazzup-sim/Cargo.toml crates/wazzup-sim/
+COPY crates/bench/Cargo.toml crates/bench/
+RUN mkdir -p src crates/wazzup-api/src crates/wazzup-sim/src crates/bench/src \
+    && echo 'fn main() {}' > src/main.rs && touch src/lib.rs crates/wazzup-api/src/lib.rs \
+    && touch crates/wazzup-sim/src/lib.rs \
+    && echo 'fn main() {}' > crates/wazzup-sim/src/main.rs \
+    && echo 'fn main() {}' > crates/bench/src/main.rs \
+    && cargo build --release --locked -p wazzup-sync \
+    && rm -rf src crates/*/src
 COPY config ./config
-COPY examples ./examples
 COPY migrations ./migrations
 COPY src ./src
-RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked \
+COPY crates ./crates
+COPY examples ./examples
+# The image holds the daemon only: no simulator, no benchmark.
+RUN touch src/main.rs src/lib.rs crates/wazzup-api/src/lib.rs \
+    && cargo build --release --locked -p wazzup-sync \
     && cp target/release/wazzup-sync /wazzup-sync
 
 FROM scratch AS prebuilt

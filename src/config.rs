@@ -147,6 +147,13 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_source()?;
+        self.validate_wazzup()?;
+        self.validate_sync()?;
+        self.validate_http_and_log()
+    }
+
+    fn validate_source(&self) -> Result<(), ConfigError> {
         let s = self;
         if s.source.url.expose_secret().trim().is_empty() {
             return Err(bad(
@@ -200,13 +207,18 @@ impl Settings {
                 })?;
         }
         for (crm, api) in &s.source.role_map {
-            if Role::parse_api(api).is_none() {
+            if Role::from_api(api).is_none() {
                 return Err(ConfigError(format!(
                     "{ENV_PREFIX}__SOURCE__ROLE_MAP__{}: '{api}' is not an API role: write exactly seller, manager or auditor (the UI's Manager is seller, Supervisor is manager, Quality Control is auditor)",
                     crm.to_uppercase()
                 )));
             }
         }
+        Ok(())
+    }
+
+    fn validate_wazzup(&self) -> Result<(), ConfigError> {
+        let s = self;
         self.wazzup_base_url()?;
         if s.wazzup.rate_limit_per_second == 0 {
             return Err(bad("WAZZUP__RATE_LIMIT_PER_SECOND", "must be at least 1"));
@@ -220,6 +232,11 @@ impl Settings {
         if s.wazzup.single_account_id.trim().is_empty() {
             return Err(bad("WAZZUP__SINGLE_ACCOUNT_ID", "is empty"));
         }
+        Ok(())
+    }
+
+    fn validate_sync(&self) -> Result<(), ConfigError> {
+        let s = self;
         if s.sync.batch_size == 0 || s.sync.batch_size > 100 {
             return Err(bad(
                 "SYNC__BATCH_SIZE",
@@ -241,6 +258,11 @@ impl Settings {
                 "must be a lower-case SQL identifier",
             ));
         }
+        Ok(())
+    }
+
+    fn validate_http_and_log(&self) -> Result<(), ConfigError> {
+        let s = self;
         s.http
             .listen
             .parse::<std::net::SocketAddr>()
@@ -320,7 +342,7 @@ impl Settings {
         self.source
             .role_map
             .iter()
-            .filter_map(|(k, v)| Some((k.trim().to_lowercase(), Role::parse_api(v)?)))
+            .filter_map(|(k, v)| Some((k.trim().to_lowercase(), Role::from_api(v)?)))
             .collect()
     }
 }

@@ -1,11 +1,15 @@
+//! The `wazzup-sync` command line: parses it, loads the settings, and hands over to the
+//! library's commands. Any error becomes one readable line and a non-zero exit.
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use wazzup_sync::commands::{self, dead_letters};
 use wazzup_sync::config::Settings;
-use wazzup_sync::dead_letters::{self, Selection};
+use wazzup_sync::state::Selection;
 use wazzup_sync::sync::CycleOptions;
-use wazzup_sync::{app, demo, ops, simulator, state, telemetry};
+use wazzup_sync::{ops, telemetry};
 
 /// Keeps Wazzup users and role settings in step with a CRM's PostgreSQL database.
 #[derive(Parser)]
@@ -41,41 +45,13 @@ enum Command {
     },
     /// Create or update the state schema.
     Migrate,
-    /// Check settings, both databases, the queries' columns and every account's token.
+    /// Check settings, both databases, the queries, the role values and every account's token.
     Check,
     /// Exit 0 when the running daemon's /readyz answers ready (for HEALTHCHECK).
     Healthcheck,
     /// List, retry or discard the records that were refused.
     #[command(name = "dead-letters", subcommand)]
     DeadLetters(DeadLetterCommand),
-    /// Run the Wazzup simulator (loopback only), for trying the daemon without Wazzup.
-    Simulate {
-        #[arg(long, default_value = "127.0.0.1:8089")]
-        listen: String,
-        /// Answer 401 to tokens not registered with --token (default: accept any token).
-        #[arg(long)]
-        strict: bool,
-        /// Tokens to register (repeatable).
-        #[arg(long)]
-        token: Vec<String>,
-    },
-    /// Seed a sample CRM in a throwaway database and sync it into an in-process simulator.
-    Demo {
-        /// PostgreSQL to use (a database is created and dropped in it).
-        #[arg(
-            long,
-            env = "DATABASE_URL",
-            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-        )]
-        database_url: String,
-        #[arg(long, default_value_t = 5)]
-        accounts: usize,
-        #[arg(long, default_value_t = 200)]
-        users: usize,
-        /// Keep the demo database afterwards.
-        #[arg(long)]
-        keep: bool,
-    },
 }
 
 #[derive(Subcommand)]
@@ -115,6 +91,14 @@ enum DeadLetterCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wazzup-sync: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(&settings.log);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -122,103 +106,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    rt.block_on(try_main(cli))
-}
-
-fn load(cli_config: Option<&std::path::Path>) -> Result<Settings, ExitCode> {
-    Settings::load(cli_config).map_err(|e| {
-        eprintln!("wazzup-sync: {e}");
-        ExitCode::from(2)
-    })
-}
-
-async fn try_main(cli: Cli) -> ExitCode {
-    let config = cli.config.as_deref();
-    let result: anyhow::Result<ExitCode> = async {
-        match cli.command {
-            Command::Simulate {
-                listen,
-                strict,
-                token,
-            } => {
-                telemetry::init_fallback();
-                let sim = simulator::Simulator::start(&listen, !strict).await?;
-                for t in &token {
-                    sim.add_account(t);
-                }
-                println!("Wazzup simulator listening on {}", sim.url());
-                app::shutdown_signal().await;
-                Ok(ExitCode::SUCCESS)
-            }
-            Command::Demo {
-                database_url,
-                accounts,
-                users,
-                keep,
-            } => {
-                telemetry::init(&wazzup_sync::config::LogSettings {
-                    format: "pretty".into(),
-                    level: "warn".into(),
-                });
-                demo::run(&database_url, accounts, users, keep).await?;
-                Ok(ExitCode::SUCCESS)
-            }
-            command => {
-                let settings = match load(config) {
-                    Ok(s) => s,
-                    Err(code) => return Ok(code),
-                };
-                telemetry::init(&settings.log);
-                match command {
-                    Command::Run => {
-                        app::run_daemon(settings).await?;
-                        Ok(ExitCode::SUCCESS)
-                    }
-                    Command::Sync { allow_mass_delete } => {
-                        let opts = CycleOptions {
-                            allow_mass_delete: app::allow_set(&allow_mass_delete),
-                            ..Default::default()
-                        };
-                        sync_and_report(settings, opts).await
-                    }
-                    Command::Reconcile => {
-                        let opts = CycleOptions {
-                            reconcile: true,
-                            ..Default::default()
-                        };
-                        sync_and_report(settings, opts).await
-                    }
-                    Command::Plan { format, detail } => {
-                        let report = app::plan(settings, detail).await?;
-                        if format == "json" {
-                            println!("{}", serde_json::to_string_pretty(&report)?);
-                        } else {
-                            app::print_plan(&report, &mut std::io::stdout())?;
-                        }
-                        Ok(ExitCode::SUCCESS)
-                    }
-                    Command::Migrate => {
-                        app::migrate(&settings).await?;
-                        Ok(ExitCode::SUCCESS)
-                    }
-                    Command::Healthcheck => Ok(if ops::healthcheck(&settings).await? {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }),
-                    Command::DeadLetters(cmd) => dead_letter_command(settings, cmd).await,
-                    Command::Check => Ok(if app::check(settings).await? {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(1)
-                    }),
-                    Command::Simulate { .. } | Command::Demo { .. } => unreachable!(),
-                }
-            }
-        }
-    }
-    .await;
-    match result {
+    match rt.block_on(dispatch(cli.command, settings)) {
         Ok(code) => code,
         Err(e) => {
             // One line per database that cannot be reached; otherwise the cause chain, once.
@@ -235,65 +123,68 @@ async fn try_main(cli: Cli) -> ExitCode {
     }
 }
 
-async fn dead_letter_command(
-    settings: Settings,
-    cmd: DeadLetterCommand,
-) -> anyhow::Result<ExitCode> {
-    let pool = state::connect(&settings)?;
-    wazzup_sync::db::probe_all(&[&state::target(&settings)?]).await?;
-    if !state::is_migrated(&pool, &settings.state.schema).await? {
-        println!("No state schema yet: nothing has been synced.");
-        return Ok(ExitCode::SUCCESS);
-    }
-    match cmd {
-        DeadLetterCommand::List {
-            account,
-            format,
-            all,
-        } => {
-            let rows = dead_letters::list(&pool, &Selection { account, id: None }, all).await?;
+async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    let ok = |yes: bool| {
+        if yes {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        }
+    };
+    match command {
+        Command::Run => commands::run_daemon(settings)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Sync { allow_mass_delete } => {
+            let opts = CycleOptions {
+                allow_mass_delete: allow_mass_delete.into_iter().collect(),
+                ..Default::default()
+            };
+            commands::sync::sync_and_report(settings, opts).await
+        }
+        Command::Reconcile => {
+            let opts = CycleOptions {
+                reconcile: true,
+                ..Default::default()
+            };
+            commands::sync::sync_and_report(settings, opts).await
+        }
+        Command::Plan { format, detail } => {
+            let report = commands::plan(settings, detail).await?;
             if format == "json" {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                dead_letters::print_table(&rows, &mut std::io::stdout())?;
+                commands::print_plan(&report, &mut std::io::stdout())?;
             }
+            Ok(ExitCode::SUCCESS)
         }
-        DeadLetterCommand::Retry {
-            account,
-            id,
-            all: _,
-            now,
-        } => {
-            let accounts = dead_letters::retry(&pool, &Selection { account, id }).await?;
-            println!(
-                "Marked dead letters of {} account(s) due for the next cycle.",
-                accounts.len()
-            );
-            if now && !accounts.is_empty() {
-                let opts = CycleOptions {
-                    only_accounts: Some(accounts.into_iter().collect()),
-                    ..Default::default()
-                };
-                return sync_and_report(settings, opts).await;
-            }
-        }
-        DeadLetterCommand::Discard {
-            account,
-            id,
-            all: _,
-        } => {
-            let n = dead_letters::discard(&pool, &Selection { account, id }).await?;
-            println!("Discarded {n} dead letter(s).");
+        Command::Migrate => commands::migrate(&settings)
+            .await
+            .map(|()| ExitCode::SUCCESS),
+        Command::Healthcheck => ops::healthcheck(&settings).await.map(ok),
+        Command::Check => commands::check(settings).await.map(ok),
+        Command::DeadLetters(cmd) => {
+            let (action, account, id) = match cmd {
+                DeadLetterCommand::List {
+                    account,
+                    format,
+                    all,
+                } => (
+                    dead_letters::Action::List {
+                        all,
+                        json: format == "json",
+                    },
+                    account,
+                    None,
+                ),
+                DeadLetterCommand::Retry {
+                    account, id, now, ..
+                } => (dead_letters::Action::Retry { now }, account, id),
+                DeadLetterCommand::Discard { account, id, .. } => {
+                    (dead_letters::Action::Discard, account, id)
+                }
+            };
+            dead_letters::run(settings, action, Selection { account, id }).await
         }
     }
-    Ok(ExitCode::SUCCESS)
-}
-
-/// One cycle, each account that did not complete named on stderr, and the exit code.
-async fn sync_and_report(settings: Settings, opts: CycleOptions) -> anyhow::Result<ExitCode> {
-    let report = app::sync_once(settings, opts).await?;
-    for line in app::failed_accounts(&report) {
-        eprintln!("wazzup-sync: account not synced: {line}");
-    }
-    Ok(ExitCode::from(app::exit_code(&report) as u8))
 }

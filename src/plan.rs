@@ -3,11 +3,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::domain::{Normalized, Role, RoleEntry, SettingsDoc, ValidUser, mask_phone};
-use crate::state::OpenDeadLetter;
+use crate::domain::{
+    Entity, Normalized, Role, RoleEntry, SettingsDoc, ValidUser, mask_phone, reach,
+};
 
 /// Record id of the account's whole settings document in the dead-letter table.
 pub const SETTINGS_RECORD: &str = "(document)";
@@ -32,21 +32,21 @@ pub struct UserPlan<'a> {
     pub deletes: Vec<String>,
     /// Deletions held back by the guard: (would delete, users mirrored).
     pub deletes_blocked: Option<(usize, usize)>,
+    /// The users whose deletion the guard holds back.
+    pub held_deletes: Vec<String>,
     /// Deletions refused by Wazzup earlier and not yet due again.
     pub deletes_waiting: usize,
 }
 
-fn waiting_set<'a>(
-    open: &'a [OpenDeadLetter],
-    entity: &str,
-    now: DateTime<Utc>,
-) -> HashMap<&'a str, Option<&'a str>> {
-    // Refused and not yet due, or discarded by an operator: skipped while the payload is the same.
-    open.iter()
-        .filter(|d| d.entity == entity && d.kind == "rejected")
-        .filter(|d| !d.is_open() || d.next_attempt_at.is_some_and(|t| t > now))
-        .map(|d| (d.record_id.as_str(), d.payload_hash.as_deref()))
-        .collect()
+/// Records Wazzup refused earlier that are not due again (or that an operator discarded):
+/// (entity, record id) → the refused payload's hash. They are skipped while their payload is
+/// the same; a changed payload is sent at once.
+pub type Waiting = HashMap<(Entity, String), Option<String>>;
+
+fn is_waiting(waiting: &Waiting, entity: Entity, id: &str, hash: &str) -> bool {
+    waiting
+        .get(&(entity, id.to_string()))
+        .is_some_and(|h| h.as_deref() == Some(hash))
 }
 
 /// Diffs the valid users against the mirror and the open dead letters.
@@ -54,19 +54,17 @@ pub fn plan_users<'a>(
     norm: &'a Normalized,
     mirror: &HashMap<String, String>,
     pending: &HashSet<String>,
-    open: &[OpenDeadLetter],
-    now: DateTime<Utc>,
+    waiting: &Waiting,
     delete_missing: bool,
     guard: DeleteGuard,
 ) -> UserPlan<'a> {
     let mut plan = UserPlan::default();
-    let waiting = waiting_set(open, "user", now);
     for u in &norm.users {
         match mirror.get(&u.payload.id) {
             Some(h) if *h == u.hash => plan.unchanged += 1,
             in_mirror => {
                 // Refused earlier with this very payload: wait for its time, unless it changed.
-                if waiting.get(u.payload.id.as_str()) == Some(&Some(u.hash.as_str())) {
+                if is_waiting(waiting, Entity::User, &u.payload.id, &u.hash) {
                     plan.waiting += 1;
                 } else if in_mirror.is_some() {
                     plan.updates.push(u);
@@ -78,7 +76,6 @@ pub fn plan_users<'a>(
     }
     if delete_missing {
         let present: HashSet<&str> = norm.users.iter().map(|u| u.payload.id.as_str()).collect();
-        let delete_waiting = waiting_set(open, "delete", now);
         // Users sent but never recorded may be in Wazzup too: they are deleted as well.
         let known: HashSet<&String> = mirror.keys().chain(pending.iter()).collect();
         let mut deletes: Vec<String> = known
@@ -88,13 +85,14 @@ pub fn plan_users<'a>(
             .collect();
         deletes.sort();
         let before = deletes.len();
-        deletes.retain(|id| !delete_waiting.contains_key(id.as_str()));
+        deletes.retain(|id| !waiting.contains_key(&(Entity::Delete, id.clone())));
         plan.deletes_waiting = before - deletes.len();
         let synced = mirror.len() + pending.iter().filter(|p| !mirror.contains_key(*p)).count();
         let too_many = deletes.len() > guard.min
             && (deletes.len() as u128) * 100 > (synced as u128) * guard.max_percent as u128;
         if too_many && !guard.allowed {
             plan.deletes_blocked = Some((deletes.len(), synced));
+            plan.held_deletes = deletes;
         } else {
             plan.deletes = deletes;
         }
@@ -143,8 +141,8 @@ pub fn settings_doc(
 }
 
 /// True when the settings document was refused before and is not yet due again.
-pub fn settings_waiting(open: &[OpenDeadLetter], hash: &str, now: DateTime<Utc>) -> bool {
-    waiting_set(open, "settings", now).get(SETTINGS_RECORD) == Some(&Some(hash))
+pub fn settings_waiting(waiting: &Waiting, hash: &str) -> bool {
+    is_waiting(waiting, Entity::Settings, SETTINGS_RECORD, hash)
 }
 
 /// What Wazzup last acknowledged for a user: the mirror's name and phone.
@@ -184,7 +182,7 @@ impl Access {
 
     /// True when `self` opens more than `before`: a wider role or new clients turned on.
     fn widens(self, before: Access) -> bool {
-        self.role.reach() > before.role.reach()
+        reach(self.role) > reach(before.role)
             || (self.allow_get_new_clients && !before.allow_get_new_clients)
     }
 }
@@ -251,8 +249,6 @@ pub struct DetailInput<'a> {
     pub mirrored: &'a HashMap<String, LastPushed>,
     pub previous_doc: Option<&'a SettingsDoc>,
     pub next_doc: &'a SettingsDoc,
-    /// Deletions the guard holds back.
-    pub held_deletes: &'a [String],
 }
 
 /// Every record a cycle would change, one per user or role row, in a stable order.
@@ -301,7 +297,7 @@ pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
     for id in &input.plan.deletes {
         out.push(record(id, Change::Delete, false));
     }
-    for id in input.held_deletes {
+    for id in &input.plan.held_deletes {
         out.push(record(id, Change::DeleteHeld, false));
     }
     out.extend(
@@ -392,29 +388,6 @@ fn role_changes(before: Option<&SettingsDoc>, after: &SettingsDoc) -> Vec<(Strin
     out
 }
 
-/// What to do with a batch Wazzup refused.
-#[derive(Debug, PartialEq, Eq)]
-pub enum SplitStep {
-    /// The answer named the offending records: dead-letter them, resend the rest.
-    Named(Vec<usize>),
-    /// A single record: it is the one refused.
-    Alone,
-    /// Split in two at this index and send each half.
-    Halve(usize),
-}
-
-/// Decides how to single out the refused records of a batch of `len`.
-pub fn split_step(len: usize, indexes: &[usize]) -> SplitStep {
-    let named: Vec<usize> = indexes.iter().copied().filter(|i| *i < len).collect();
-    if len == 1 {
-        SplitStep::Alone
-    } else if !named.is_empty() && named.len() == indexes.len() {
-        SplitStep::Named(named)
-    } else {
-        SplitStep::Halve(len / 2)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,8 +438,7 @@ mod tests {
             &n,
             &mirror,
             &HashSet::new(),
-            &[],
-            Utc::now(),
+            &Waiting::new(),
             true,
             DeleteGuard { min: 10, ..GUARD },
         );
@@ -474,7 +446,7 @@ mod tests {
         assert_eq!(p.updates[0].payload.id, "2");
         assert_eq!(p.creates[0].payload.id, "3");
         assert_eq!(p.deletes, ["9"]);
-        let p = plan_users(&n, &mirror, &HashSet::new(), &[], Utc::now(), false, GUARD);
+        let p = plan_users(&n, &mirror, &HashSet::new(), &Waiting::new(), false, GUARD);
         assert!(p.deletes.is_empty());
     }
 
@@ -483,15 +455,14 @@ mod tests {
         let n = norm(&[]);
         let mirror: HashMap<String, String> =
             (0..10).map(|i| (i.to_string(), "h".to_string())).collect();
-        let p = plan_users(&n, &mirror, &HashSet::new(), &[], Utc::now(), true, GUARD);
+        let p = plan_users(&n, &mirror, &HashSet::new(), &Waiting::new(), true, GUARD);
         assert_eq!(p.deletes_blocked, Some((10, 10)));
         assert!(p.deletes.is_empty());
         let p = plan_users(
             &n,
             &mirror,
             &HashSet::new(),
-            &[],
-            Utc::now(),
+            &Waiting::new(),
             true,
             DeleteGuard {
                 allowed: true,
@@ -504,22 +475,14 @@ mod tests {
     #[test]
     fn a_user_refused_by_wazzup_waits_unless_its_payload_changed() {
         let n = norm(&["1"]);
-        let dl = |hash: &str, due_in: i64| OpenDeadLetter {
-            entity: "user".into(),
-            record_id: "1".into(),
-            kind: "rejected".into(),
-            error_code: "X".into(),
-            error_message: String::new(),
-            payload_hash: Some(hash.into()),
-            next_attempt_at: Some(Utc::now() + chrono::Duration::seconds(due_in)),
-            resolution: None,
+        let waiting = |hash: &str| -> Waiting {
+            [((Entity::User, "1".to_string()), Some(hash.to_string()))].into()
         };
         let p = plan_users(
             &n,
             &HashMap::new(),
             &HashSet::new(),
-            &[dl(&n.users[0].hash, 60)],
-            Utc::now(),
+            &waiting(&n.users[0].hash),
             true,
             GUARD,
         );
@@ -528,18 +491,7 @@ mod tests {
             &n,
             &HashMap::new(),
             &HashSet::new(),
-            &[dl("other", 60)],
-            Utc::now(),
-            true,
-            GUARD,
-        );
-        assert_eq!(p.creates.len(), 1);
-        let p = plan_users(
-            &n,
-            &HashMap::new(),
-            &HashSet::new(),
-            &[dl(&n.users[0].hash, -1)],
-            Utc::now(),
+            &waiting("other"),
             true,
             GUARD,
         );
@@ -638,8 +590,7 @@ mod tests {
             &n,
             &mirror,
             &HashSet::new(),
-            &[],
-            Utc::now(),
+            &Waiting::new(),
             true,
             DeleteGuard { min: 10, ..GUARD },
         );
@@ -659,7 +610,6 @@ mod tests {
             mirrored: &mirrored,
             previous_doc: None,
             next_doc: &next,
-            held_deletes: &[],
         });
         let json = serde_json::to_value(&records).unwrap();
         let actions: Vec<(&str, &str)> = json
@@ -692,13 +642,5 @@ mod tests {
                 .iter()
                 .all(|r| r["account_id"] == "a1" && r.get("widens_access").is_none())
         );
-    }
-
-    #[test]
-    fn a_refused_batch_is_split_by_named_indexes_or_in_halves() {
-        assert_eq!(split_step(100, &[3, 7]), SplitStep::Named(vec![3, 7]));
-        assert_eq!(split_step(100, &[]), SplitStep::Halve(50));
-        assert_eq!(split_step(3, &[5]), SplitStep::Halve(1));
-        assert_eq!(split_step(1, &[]), SplitStep::Alone);
     }
 }

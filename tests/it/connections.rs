@@ -6,11 +6,7 @@ use std::time::Duration;
 use crate::helpers::*;
 
 /// Settings whose CRM (and so state) URL points at a port nothing listens on.
-fn closed_port_env(
-    db: &TestDb,
-    sim: &wazzup_sync::simulator::Simulator,
-    port: u16,
-) -> Vec<(String, String)> {
+fn closed_port_env(db: &TestDb, sim: &wazzup_sim::Simulator, port: u16) -> Vec<(String, String)> {
     let url = format!("postgres://postgres:hunter2@127.0.0.1:{port}/crm");
     env_for(db, sim, &[("WAZZUP_SYNC__SOURCE__URL", &url)])
 }
@@ -167,13 +163,19 @@ async fn run_waits_for_a_database_that_is_down_at_start_and_syncs_once_it_is_up(
     );
 
     pg.start_server();
-    let ready = poll(&format!("{base}/readyz"), 60, |s, _| s == 200).await;
-    assert_eq!(ready.map(|r| r.0), Some(200));
+    for _ in 0..600 {
+        if sim.users("tok-1").len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         sim.users("tok-1").len(),
         3,
         "it synced once the database was up"
     );
+    let ready = poll(&format!("{base}/readyz"), 10, |s, _| s == 200).await;
+    assert_eq!(ready.map(|r| r.0), Some(200));
 
     child.start_kill().unwrap();
     let out = child.wait_with_output().await.unwrap();

@@ -9,8 +9,8 @@ use std::process::Stdio;
 use crate::helpers::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use wazzup_sim::{Fault, Simulator};
 use wazzup_sync::domain::{NormalizeOptions, SourceRole, SourceUser, normalize_account};
-use wazzup_sync::simulator::{Fault, Simulator};
 
 const SEEDS: [u64; 3] = [7, 1009, 424242];
 const STEPS: usize = 8;

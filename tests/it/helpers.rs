@@ -7,8 +7,8 @@ use std::process::Output;
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Executor};
 use tokio::sync::OnceCell;
+use wazzup_sim::Simulator;
 use wazzup_sync::config::Settings;
-use wazzup_sync::simulator::Simulator;
 use wazzup_sync::sync::{CycleOptions, CycleReport};
 
 static BASE_URL: OnceCell<String> = OnceCell::const_new();
@@ -232,7 +232,7 @@ pub fn settings(db: &TestDb, sim: &Simulator, extra: &[(&str, &str)]) -> Setting
 
 /// One cycle through the library.
 pub async fn sync(db: &TestDb, sim: &Simulator, extra: &[(&str, &str)]) -> CycleReport {
-    wazzup_sync::app::sync_once(settings(db, sim, extra), CycleOptions::default())
+    wazzup_sync::commands::sync_once(settings(db, sim, extra), CycleOptions::default())
         .await
         .expect("cycle runs")
 }

@@ -5,6 +5,9 @@
 //! their own module: `scripts/test` runs `container::` where podman is installed and
 //! `pgbouncer::` where pgbouncer is.
 
+// A test reads as one story: arrange, act, assert, however long.
+#![allow(clippy::too_many_lines)]
+
 mod helpers;
 
 mod connections;

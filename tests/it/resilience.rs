@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use crate::helpers::*;
 use sqlx::Executor;
+use wazzup_sim::{Fault, Simulator};
 use wazzup_sync::domain::UserPayload;
-use wazzup_sync::simulator::{Fault, Simulator};
 
 async fn three_accounts(db: &TestDb, sim: &Simulator, users: usize) {
     for i in 1..=3 {
@@ -468,13 +468,13 @@ async fn a_429_slows_its_token_down_and_only_its_token() {
     sim.add_account("tok-a");
     sim.add_account("tok-b");
     let settings = settings(&db, &sim, &[]);
-    let client = wazzup_sync::wazzup::WazzupClient::new(&settings).unwrap();
-    let stats = wazzup_sync::wazzup::RequestStats::default();
+    let client = wazzup_sync::client::build(&settings).unwrap();
+    let stats = wazzup_api::RequestStats::default();
     let (a, b) = (
         secrecy::SecretString::from("tok-a"),
         secrecy::SecretString::from("tok-b"),
     );
-    let acct = |t| wazzup_sync::wazzup::Account {
+    let acct = |t| wazzup_api::Account {
         account_id: "x",
         token: t,
         stats: &stats,

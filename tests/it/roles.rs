@@ -12,7 +12,7 @@ const README_ROLE_MAP: &str = r#"
 "Quality Control" = "auditor"
 "#;
 
-fn roles_in_wazzup(sim: &wazzup_sync::simulator::Simulator, token: &str) -> Vec<(String, Role)> {
+fn roles_in_wazzup(sim: &wazzup_sim::Simulator, token: &str) -> Vec<(String, Role)> {
     sim.settings(token)
         .user_roles
         .into_iter()

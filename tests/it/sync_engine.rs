@@ -1,8 +1,8 @@
 //! The sync engine end to end: a real PostgreSQL per test, the simulator over loopback HTTP.
 
 use crate::helpers::*;
+use wazzup_sim::Fault;
 use wazzup_sync::domain::{Role, UserPayload};
-use wazzup_sync::simulator::Fault;
 use wazzup_sync::sync::AccountOutcome;
 
 #[tokio::test]

@@ -1,8 +1,12 @@
-//! A stateful stand-in for the Wazzup Users & Settings API, for tests, demos and benchmarks.
+//! A stateful stand-in for the Wazzup Users & Settings API, for tests, the demo, the benchmark
+//! and the compose file. It is not part of the daemon: the `wazzup-sync` binary contains none
+//! of it.
 //!
 //! Per-token accounts with users and settings, the documented limits (100 per request,
 //! 64/150 characters, 1,000 users, unique phones), errors as `{error, description, data}`,
 //! and a switchboard of faults. It listens on loopback only.
+
+#![allow(clippy::too_many_lines)] // A test tool; its handlers read best whole.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -18,7 +22,9 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::domain::{SettingsDoc, UserPayload};
+pub mod demo;
+
+use wazzup_api::{SettingsDoc, UserPayload};
 
 /// Users one account may hold.
 pub const USER_LIMIT: usize = 1000;
@@ -832,7 +838,7 @@ async fn sim_state(State(state): State<Shared>) -> Response {
         .iter()
         .map(|(t, a)| {
             (
-                crate::wazzup::token_fingerprint(&secrecy::SecretString::from(t.clone())),
+                wazzup_api::limit::token_key(&secrecy::SecretString::from(t.clone())),
                 json!({ "users": a.users.values().collect::<Vec<_>>(), "settings": a.settings }),
             )
         })

@@ -4,6 +4,8 @@
 //! `cargo run --release --bin bench -- --accounts 1000 --users 1000 --channels 2`
 //! prints a table and writes it to bench/results.md with the machine it ran on.
 
+#![allow(clippy::too_many_lines)] // A harness: each phase reads best whole.
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,7 +14,7 @@ use anyhow::Context;
 use clap::Parser;
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Executor};
-use wazzup_sync::simulator::Simulator;
+use wazzup_sim::Simulator;
 
 #[derive(Parser)]
 struct Args {
@@ -218,7 +220,7 @@ async fn main() -> anyhow::Result<()> {
     admin
         .execute(AssertSqlSafe(format!("CREATE DATABASE {db}")))
         .await?;
-    let mut url = reqwest::Url::parse(&args.database_url)?;
+    let mut url = url::Url::parse(&args.database_url)?;
     url.set_path(&format!("/{db}"));
     let result = bench(&args, url.as_str()).await;
     if args.keep {

@@ -1,0 +1,255 @@
+//! `run`: the daemon. Health and metrics first, the state database waited for, then a cycle
+//! at start, on every tick of the schedules, and after notifications, until SIGTERM/SIGINT.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+use tokio_cron_scheduler::{Job, JobScheduler};
+
+use std::sync::Arc;
+
+use super::listen::{listen_forever, listen_pool};
+use super::sync::migrate_schema;
+use super::{shutdown_signal, warn_insecure};
+use crate::config::Settings;
+use crate::ops::Health;
+use crate::sync::{CycleOptions, CycleReport, Engine};
+
+/// `run`: serve health and metrics, wait for the state database and migrate, then a cycle at
+/// start and on every tick of the schedule until SIGTERM/SIGINT. A database that is down, at
+/// start or later, never stops the daemon: readiness fails and the log says why, at growing
+/// intervals, until it recovers.
+pub async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
+    warn_insecure(&settings);
+    // Set at SIGTERM/SIGINT: no new batch starts; the request in flight finishes.
+    let (stop_tx, mut stop) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let engine = Engine::new(settings, stop.clone())?;
+    let health = serve_health(&engine).await?;
+    tokio::select! {
+        () = wait_for_state(&engine) => {}
+        _ = stop.wait_for(|s| *s) => {
+            tracing::info!("wazzup-sync stopped before the state database was ready");
+            return Ok(());
+        }
+    }
+    health.migrated();
+    engine.export_dead_letter_gauges().await;
+    let mut triggers = Triggers::start(&engine, &health).await?;
+    tracing::info!(
+        schedule = %engine.settings.sync.schedule,
+        reconcile_schedule = %engine.settings.sync.reconcile_schedule,
+        listen_channel = %engine.settings.sync.listen_channel,
+        "wazzup-sync started"
+    );
+    run_cycles(&engine, &health, &mut triggers, stop).await;
+    triggers.shutdown().await;
+    tracing::info!("wazzup-sync stopped");
+    Ok(())
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` (unless switched off).
+async fn serve_health(engine: &Engine) -> anyhow::Result<Arc<Health>> {
+    let settings = &engine.settings;
+    let health = Health::new(
+        settings,
+        engine.source_target.clone(),
+        engine.state_target.clone(),
+    );
+    if settings.http.enabled {
+        let metrics = crate::ops::install_metrics();
+        let addr = crate::ops::serve(&settings.http.listen, health.clone(), metrics)
+            .await
+            .with_context(|| {
+                format!(
+                    "Failed to listen on {} (WAZZUP_SYNC__HTTP__LISTEN)",
+                    settings.http.listen
+                )
+            })?;
+        tracing::info!(address = %addr, "Serving /healthz, /readyz and /metrics");
+    }
+    Ok(health)
+}
+
+/// Cycles one after the other as the triggers ask, until the stop signal; a cycle under way
+/// at the signal gets the grace period to finish its requests in flight.
+async fn run_cycles(
+    engine: &Engine,
+    health: &Health,
+    triggers: &mut Triggers,
+    mut stop: watch::Receiver<bool>,
+) {
+    let grace = Duration::from_secs(engine.settings.sync.shutdown_grace_secs);
+    let mut failures = FailureLog::default();
+    loop {
+        let opts = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => break,
+            opts = triggers.next() => opts,
+        };
+        let cycle = engine.run_cycle(&opts);
+        tokio::pin!(cycle);
+        let result = tokio::select! {
+            r = &mut cycle => r,
+            _ = stop.wait_for(|s| *s) => {
+                tracing::info!(grace_secs = grace.as_secs(), "Stopping: finishing the requests in flight");
+                match tokio::time::timeout(grace, &mut cycle).await {
+                    Ok(r) => failures.record(engine, r).await,
+                    Err(_) => tracing::warn!("The grace period ended before the cycle did; unacknowledged work is retried on the next start"),
+                }
+                break;
+            }
+        };
+        if result.is_ok() {
+            health.cycle_finished();
+        }
+        failures.record(engine, result).await;
+    }
+}
+
+/// What starts a cycle: the sync schedule, the reconcile schedule, and notifications.
+struct Triggers {
+    scheduler: JobScheduler,
+    tick: mpsc::Receiver<()>,
+    reconcile: mpsc::Receiver<()>,
+    notified: mpsc::UnboundedReceiver<String>,
+}
+
+impl Triggers {
+    /// Starts both schedules (a first tick at once) and, with a listen channel, LISTEN.
+    async fn start(engine: &Engine, health: &Arc<Health>) -> anyhow::Result<Self> {
+        let settings = &engine.settings;
+        let scheduler = JobScheduler::new().await?;
+        let (tick_tx, tick) = mpsc::channel::<()>(1);
+        let (reconcile_tx, reconcile) = mpsc::channel::<()>(1);
+        for (schedule, tx) in [
+            (&settings.sync.schedule, tick_tx.clone()),
+            (&settings.sync.reconcile_schedule, reconcile_tx),
+        ] {
+            let job = Job::new_async(schedule.as_str(), move |_, _| {
+                let tx = tx.clone();
+                // A tick while a cycle runs is held (one at most): cycles never overlap.
+                Box::pin(async move {
+                    let _ = tx.try_send(());
+                })
+            })?;
+            scheduler.add(job).await?;
+        }
+        scheduler.start().await?;
+        let (notify_tx, notified) = mpsc::unbounded_channel::<String>();
+        if !settings.sync.listen_channel.is_empty() {
+            let pool = listen_pool(settings)?;
+            tokio::spawn(listen_forever(
+                engine.clone(),
+                pool,
+                notify_tx,
+                health.clone(),
+            ));
+        }
+        let _ = tick_tx.try_send(());
+        Ok(Self {
+            scheduler,
+            tick,
+            reconcile,
+            notified,
+        })
+    }
+
+    /// The next cycle's options. Notifications are gathered for a moment: a burst of changes
+    /// costs one cycle, for the notified accounts only (an empty payload means all).
+    async fn next(&mut self) -> CycleOptions {
+        tokio::select! {
+            Some(()) = self.reconcile.recv() => CycleOptions { reconcile: true, ..Default::default() },
+            Some(()) = self.tick.recv() => CycleOptions::default(),
+            Some(first) = self.notified.recv() => {
+                tokio::time::sleep(NOTIFY_DEBOUNCE).await;
+                let mut accounts = HashSet::from([first]);
+                while let Ok(more) = self.notified.try_recv() {
+                    accounts.insert(more);
+                }
+                let all = accounts.contains("");
+                tracing::info!(accounts = accounts.len(), "Syncing after a notification");
+                CycleOptions { only_accounts: (!all).then_some(accounts), ..Default::default() }
+            }
+        }
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.scheduler.shutdown().await;
+    }
+}
+
+/// Waits until the state database answers and its schema is migrated, saying why not at
+/// growing intervals (1 s, 2 s, 4 s … 60 s).
+async fn wait_for_state(engine: &Engine) {
+    let mut delay = Duration::from_secs(1);
+    let mut failed = false;
+    loop {
+        let attempt = match engine.state_target.probe().await {
+            Err(e) => Err(e.to_string()),
+            Ok(()) => migrate_schema(&engine.state, &engine.settings.state.schema)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        match attempt {
+            Ok(()) => {
+                if failed {
+                    tracing::info!("The state database answers again; the schema is up to date");
+                }
+                return;
+            }
+            Err(why) => {
+                failed = true;
+                tracing::error!(
+                    error = %why,
+                    retry_in_secs = delay.as_secs(),
+                    "Waiting for the state database before the first cycle"
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(MAX_RETRY_DELAY);
+            }
+        }
+    }
+}
+
+/// The longest wait between two attempts to reach a database that is down.
+pub(super) const MAX_RETRY_DELAY: Duration = Duration::from_secs(60);
+
+/// Logs failed cycles at growing intervals: the 1st, 2nd, 4th, 8th … failure in a row, each
+/// with its cause, and once when cycles succeed again.
+#[derive(Default)]
+struct FailureLog {
+    in_a_row: u64,
+}
+
+impl FailureLog {
+    async fn record(&mut self, engine: &Engine, r: Result<CycleReport, crate::sync::CycleError>) {
+        match r {
+            Ok(_) => {
+                if self.in_a_row > 0 {
+                    tracing::info!(failed_cycles = self.in_a_row, "Cycles run again");
+                }
+                self.in_a_row = 0;
+            }
+            Err(e) => {
+                self.in_a_row += 1;
+                if self.in_a_row.is_power_of_two() {
+                    let why = engine.explain(&e).await;
+                    tracing::error!(
+                        error = %why,
+                        failed_cycles = self.in_a_row,
+                        "Cycle failed; the next scheduled cycle will try again"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// How long notifications are gathered before the cycle they trigger starts.
+const NOTIFY_DEBOUNCE: Duration = Duration::from_millis(200);

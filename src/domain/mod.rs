@@ -1,0 +1,73 @@
+//! The records the daemon pushes, and the rules that turn CRM rows into them.
+//!
+//! Pure: rows in, valid payloads and rejections out. One file per concept: [`user`],
+//! [`phone`], [`role`], [`settings`]; [`normalize`] puts them together for one account.
+
+pub mod hash;
+pub mod normalize;
+pub mod phone;
+pub mod role;
+pub mod settings;
+pub mod user;
+
+pub use hash::{content_hash, json_hash, token_fingerprint};
+pub use normalize::{NormalizeOptions, Normalized, normalize_account};
+pub use phone::{
+    Phone, PhoneCache, mask_digits, mask_phone, mask_raw_phone, normalize_phone, phone_source,
+};
+pub use role::{Role, RoleEntry, RoleRefusal, reach, read_role};
+pub use settings::{SettingsDoc, settings_hash};
+pub use user::{
+    MAX_ID_CHARS, MAX_NAME_CHARS, UserPayload, ValidUser, clip, compare_ids, user_hash,
+};
+
+/// A users-query row as read from the CRM; every field may be missing or NULL.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SourceUser {
+    pub account_id: Option<String>,
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub phone: Option<String>,
+    pub hide_phone: Option<bool>,
+}
+
+/// A roles-query row as read from the CRM.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SourceRole {
+    pub account_id: Option<String>,
+    pub user_id: Option<String>,
+    pub channel_id: Option<String>,
+    pub role: Option<String>,
+    pub allow_get_new_clients: Option<bool>,
+}
+
+/// What a dead letter is about: a user, the account's settings (the whole document, record id
+/// `(document)`, or one role row, record id `user/channel`), or a deletion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, serde::Serialize)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum Entity {
+    User,
+    Settings,
+    Delete,
+}
+
+impl Entity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Entity::User => "user",
+            Entity::Settings => "settings",
+            Entity::Delete => "delete",
+        }
+    }
+}
+
+/// A record refused before it reached the API, with a reason an operator can act on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub entity: Entity,
+    pub record_id: String,
+    pub code: &'static str,
+    pub message: String,
+    pub payload: serde_json::Value,
+}

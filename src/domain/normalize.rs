@@ -1,0 +1,386 @@
+//! One account's CRM rows turned into what is sent: valid users (phones read, unique within
+//! the account), valid role rows, and a rejection with a reason for everything else.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use phonenumber::country::Id as Region;
+
+use super::phone::{Phone, PhoneCache, mask_phone, mask_raw_phone, phone_source, read_phone};
+use super::role::{Role, RoleEntry, read_role_rows};
+use super::user::{ValidUser, check_user, compare_ids, refuse, row_payload, user_hash};
+use super::{Entity, Rejection, SourceRole, SourceUser, UserPayload};
+
+/// One account's CRM rows after normalization.
+#[derive(Debug, Default)]
+pub struct Normalized {
+    /// Valid users, sorted by id.
+    pub users: Vec<ValidUser>,
+    /// Valid role rows of valid users, sorted.
+    pub roles: Vec<RoleEntry>,
+    pub rejected: Vec<Rejection>,
+    /// Ids present in the CRM whose rows were refused: never deleted from Wazzup for that.
+    pub rejected_user_ids: HashSet<String>,
+    /// Phones that could not be read and were left out of the payload.
+    pub phone_warnings: usize,
+    /// Phones sent although libphonenumber does not consider them valid numbers.
+    pub phone_not_valid: usize,
+}
+
+/// What normalization needs from the settings.
+#[derive(Debug, Clone, Default)]
+pub struct NormalizeOptions {
+    pub region: Option<Region>,
+    /// CRM role values (lower case) to API roles.
+    pub role_map: BTreeMap<String, Role>,
+}
+
+/// Validates and normalizes one account's rows.
+pub fn normalize_account(
+    users: &[SourceUser],
+    roles: &[SourceRole],
+    opts: &NormalizeOptions,
+    cache: &PhoneCache,
+) -> Normalized {
+    let mut out = Normalized::default();
+    let candidates = read_users(users, opts, cache, &mut out);
+    keep_unique_phones(candidates, &mut out);
+    let valid_ids: HashSet<&str> = out.users.iter().map(|u| u.payload.id.as_str()).collect();
+    let known_ids: HashSet<&str> = users.iter().filter_map(|u| u.id.as_deref()).collect();
+    let mut rejected = Vec::new();
+    out.roles = read_role_rows(roles, &opts.role_map, &valid_ids, &known_ids, &mut rejected);
+    out.rejected.extend(rejected);
+    out
+}
+
+/// Checks every users-query row; an id on more than one row is refused on all of them.
+fn read_users(
+    users: &[SourceUser],
+    opts: &NormalizeOptions,
+    cache: &PhoneCache,
+    out: &mut Normalized,
+) -> Vec<ValidUser> {
+    let mut rows_of: HashMap<&str, usize> = HashMap::new();
+    for id in users.iter().filter_map(|u| u.id.as_deref()) {
+        *rows_of.entry(id).or_default() += 1;
+    }
+    let mut reported: HashSet<&str> = HashSet::new();
+    let mut candidates = Vec::with_capacity(users.len());
+    for u in users {
+        if let Some(id) = u.id.as_deref()
+            && rows_of.get(id).copied().unwrap_or(0) > 1
+        {
+            if reported.insert(id) {
+                out.rejected_user_ids.insert(id.to_string());
+                out.rejected.push(refuse_duplicate_id(users, u, id));
+            }
+            continue;
+        }
+        match check_user(u) {
+            Ok((id, name)) => candidates.push(read_user(id, name, u, opts, cache, out)),
+            Err((code, message)) => {
+                if let Some(id) = &u.id {
+                    out.rejected_user_ids.insert(id.clone());
+                }
+                out.rejected.push(refuse(u, code, message));
+            }
+        }
+    }
+    candidates
+}
+
+/// One dead letter for all the rows of a repeated id, holding every row.
+fn refuse_duplicate_id(users: &[SourceUser], first: &SourceUser, id: &str) -> Rejection {
+    let rows: Vec<serde_json::Value> = users
+        .iter()
+        .filter(|other| other.id.as_deref() == Some(id))
+        .map(row_payload)
+        .collect();
+    let mut r = refuse(
+        first,
+        "duplicate_id",
+        format!(
+            "The user id appears on {} rows of this account; none of them is sent until the view returns it once",
+            rows.len()
+        ),
+    );
+    r.payload = serde_json::Value::Array(rows);
+    r
+}
+
+/// A checked row as it will be sent: its phone read (or left out when unreadable).
+fn read_user(
+    id: String,
+    name: String,
+    u: &SourceUser,
+    opts: &NormalizeOptions,
+    cache: &PhoneCache,
+    out: &mut Normalized,
+) -> ValidUser {
+    let source = u.phone.as_deref().map(|p| phone_source(p, opts.region));
+    let reading = read_phone(
+        &id,
+        u.phone.as_deref(),
+        source.as_deref(),
+        opts.region,
+        cache,
+    );
+    let mut unreadable_phone = None;
+    let (phone, phone_valid) = match reading {
+        Phone::Missing => (None, false),
+        Phone::Unreadable => {
+            out.phone_warnings += 1;
+            unreadable_phone = u.phone.as_deref().map(mask_raw_phone);
+            (None, false)
+        }
+        Phone::Parsed { digits, valid } => {
+            out.phone_not_valid += usize::from(!valid);
+            (Some(digits), valid)
+        }
+    };
+    let payload = UserPayload { id, name, phone };
+    ValidUser {
+        hash: user_hash(&payload),
+        payload,
+        hide_phone: u.hide_phone.unwrap_or(false),
+        phone_source: source,
+        phone_valid,
+        unreadable_phone,
+    }
+}
+
+/// Two users with one phone: the smaller id keeps it, the greater is refused.
+fn keep_unique_phones(mut candidates: Vec<ValidUser>, out: &mut Normalized) {
+    candidates.sort_by(|a, b| compare_ids(&a.payload.id, &b.payload.id));
+    let mut owner_of: HashMap<String, String> = HashMap::new();
+    for c in candidates {
+        if let Some(phone) = &c.payload.phone {
+            if let Some(owner) = owner_of.get(phone) {
+                out.rejected_user_ids.insert(c.payload.id.clone());
+                out.rejected.push(Rejection {
+                    entity: Entity::User,
+                    record_id: c.payload.id.clone(),
+                    code: "duplicate_phone",
+                    message: format!(
+                        "The phone {} is also the phone of user {owner:?}; Wazzup needs phones unique within an account",
+                        mask_phone(phone)
+                    ),
+                    payload: serde_json::to_value(&c.payload).unwrap_or_default(),
+                });
+                continue;
+            }
+            owner_of.insert(phone.clone(), c.payload.id.clone());
+        }
+        out.users.push(c);
+    }
+    out.users.sort_by(|a, b| a.payload.id.cmp(&b.payload.id));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(id: &str, name: &str, phone: Option<&str>) -> SourceUser {
+        SourceUser {
+            account_id: None,
+            id: Some(id.into()),
+            name: Some(name.into()),
+            phone: phone.map(Into::into),
+            hide_phone: None,
+        }
+    }
+
+    fn role(user_id: &str, channel: &str, role: &str) -> SourceRole {
+        SourceRole {
+            account_id: None,
+            user_id: Some(user_id.into()),
+            channel_id: Some(channel.into()),
+            role: Some(role.into()),
+            allow_get_new_clients: Some(true),
+        }
+    }
+
+    fn ru() -> NormalizeOptions {
+        NormalizeOptions {
+            region: Some(Region::RU),
+            role_map: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn names_are_trimmed_and_limits_are_counted_in_characters() {
+        let long_ok = "я".repeat(150);
+        let n = normalize_account(
+            &[
+                user("1", "  Anna  ", None),
+                user("2", &long_ok, None),
+                user("3", &"я".repeat(151), None),
+                user(&"x".repeat(65), "Too long id", None),
+                user("5", "   ", None),
+            ],
+            &[],
+            &ru(),
+            &PhoneCache::new(),
+        );
+        let ids: Vec<_> = n.users.iter().map(|u| u.payload.id.as_str()).collect();
+        assert_eq!(ids, ["1", "2"]);
+        assert_eq!(n.users[0].payload.name, "Anna");
+        let codes: Vec<_> = n.rejected.iter().map(|r| r.code).collect();
+        assert_eq!(codes, ["invalid_name", "invalid_id", "invalid_name"]);
+    }
+
+    #[test]
+    fn an_unchanged_phone_is_taken_from_the_cache_and_a_changed_one_is_read_again() {
+        let mut cache = PhoneCache::new();
+        let key = phone_source("+371 26 123 456", Some(Region::RU));
+        // A cached reading that parsing would never give, to prove the cache was used.
+        cache.insert("1".into(), (key, Some("37100000000".into()), true));
+        let n = normalize_account(
+            &[user("1", "A", Some("+371 26 123 456"))],
+            &[],
+            &ru(),
+            &cache,
+        );
+        assert_eq!(n.users[0].payload.phone.as_deref(), Some("37100000000"));
+        let n = normalize_account(
+            &[user("1", "A", Some("+371 26 123 457"))],
+            &[],
+            &ru(),
+            &cache,
+        );
+        assert_eq!(n.users[0].payload.phone.as_deref(), Some("37126123457"));
+        let lv = NormalizeOptions {
+            region: Some(Region::LV),
+            role_map: BTreeMap::new(),
+        };
+        let n = normalize_account(&[user("1", "A", Some("+371 26 123 456"))], &[], &lv, &cache);
+        assert_eq!(
+            n.users[0].payload.phone.as_deref(),
+            Some("37126123456"),
+            "another region, another key"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_phone_is_left_out_and_counted() {
+        let n = normalize_account(
+            &[user("1", "A", Some("n/a"))],
+            &[],
+            &ru(),
+            &PhoneCache::new(),
+        );
+        assert_eq!(n.users[0].payload.phone, None);
+        assert_eq!(n.users[0].unreadable_phone.as_deref(), Some("n/a"));
+        assert_eq!(n.phone_warnings, 1);
+        assert!(n.rejected.is_empty());
+    }
+
+    #[test]
+    fn of_two_users_with_one_phone_the_greater_id_is_refused() {
+        let n = normalize_account(
+            &[
+                user("10", "B", Some("+7 912 345-67-89")),
+                user("9", "A", Some("89123456789")),
+            ],
+            &[],
+            &ru(),
+            &PhoneCache::new(),
+        );
+        assert_eq!(n.users.len(), 1);
+        assert_eq!(n.users[0].payload.id, "9");
+        assert_eq!(n.rejected[0].record_id, "10");
+        assert_eq!(n.rejected[0].code, "duplicate_phone");
+        assert!(!n.rejected[0].message.contains("79123456789"));
+    }
+
+    #[test]
+    fn every_row_of_a_duplicated_id_is_refused() {
+        let n = normalize_account(
+            &[
+                user("1", "A", None),
+                user("1", "B", None),
+                user("2", "C", None),
+            ],
+            &[role("1", "ch", "seller")],
+            &ru(),
+            &PhoneCache::new(),
+        );
+        assert_eq!(n.users.len(), 1);
+        let dups: Vec<_> = n
+            .rejected
+            .iter()
+            .filter(|r| r.code == "duplicate_id")
+            .collect();
+        assert_eq!(dups.len(), 1, "one dead letter for the id");
+        assert_eq!(
+            dups[0].payload.as_array().unwrap().len(),
+            2,
+            "holding both rows"
+        );
+        assert!(n.rejected_user_ids.contains("1"));
+        assert_eq!(n.rejected.last().unwrap().code, "user_rejected");
+    }
+
+    #[test]
+    fn roles_accept_api_values_and_mapped_names_only() {
+        let mut opts = ru();
+        opts.role_map.insert("supervisor".into(), Role::Manager);
+        let n = normalize_account(
+            &[user("1", "A", None)],
+            &[
+                role("1", "c1", "seller"),
+                role("1", "c2", "Supervisor"),
+                role("1", "c3", "admin"),
+                role("1", " ", "seller"),
+                role("7", "c1", "seller"),
+            ],
+            &opts,
+            &PhoneCache::new(),
+        );
+        assert_eq!(n.roles.len(), 2);
+        assert_eq!(n.roles[1].role, Role::Manager);
+        let codes: Vec<_> = n.rejected.iter().map(|r| r.code).collect();
+        assert_eq!(codes, ["unknown_role", "empty_channel_id", "unknown_user"]);
+    }
+
+    #[test]
+    fn conflicting_role_rows_for_one_channel_are_refused_and_identical_ones_merged() {
+        let mut r2 = role("1", "c1", "seller");
+        r2.allow_get_new_clients = Some(false);
+        let n = normalize_account(
+            &[user("1", "A", None)],
+            &[
+                role("1", "c1", "seller"),
+                r2,
+                role("1", "c2", "auditor"),
+                role("1", "c2", "auditor"),
+            ],
+            &ru(),
+            &PhoneCache::new(),
+        );
+        assert_eq!(n.roles.len(), 1);
+        assert_eq!(n.roles[0].channel_id, "c2");
+        assert_eq!(n.rejected.len(), 1);
+        assert_eq!(n.rejected[0].code, "duplicate_role");
+    }
+
+    #[test]
+    fn hostile_strings_are_refused_with_a_reason_and_clipped() {
+        let huge = "x".repeat(1_000_000);
+        let n = normalize_account(
+            &[
+                user("1", &huge, None),
+                user("2", "Bob\u{0}", None),
+                SourceUser::default(),
+                user("4", "Robert'); DROP TABLE users;--", None),
+                user("5", "\u{202e}evil\u{200b}", None),
+            ],
+            &[],
+            &ru(),
+            &PhoneCache::new(),
+        );
+        assert_eq!(n.users.len(), 2, "SQL-looking and bidi names are data");
+        assert_eq!(n.rejected.len(), 3);
+        let stored = n.rejected[0].payload.to_string();
+        assert!(stored.len() < 1_000);
+    }
+}

@@ -1,0 +1,93 @@
+//! The accounts query: one row per account, its token and its push setting. A row without
+//! an id or a token, or an id on two rows, is refused with the reason.
+
+use std::collections::BTreeMap;
+
+use futures::TryStreamExt;
+use secrecy::SecretString;
+use sqlx::postgres::PgPool;
+
+use super::columns::{ACCOUNTS_SHAPE, Columns, boolean, text};
+use super::{ReadSummary, SourceAccount, SourceError, begin_read_only, crm_query, in_query};
+use crate::config::Settings;
+
+/// Reads the accounts query (a small result) inside the given transaction.
+pub(super) async fn read_accounts(
+    conn: &mut sqlx::PgConnection,
+    settings: &Settings,
+    summary: &mut ReadSummary,
+) -> Result<Vec<SourceAccount>, SourceError> {
+    let mut rows = crm_query(settings.source.accounts_query.clone()).fetch(conn);
+    let mut cols: Option<Columns> = None;
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut all = Vec::new();
+    while let Some(row) = rows
+        .try_next()
+        .await
+        .map_err(in_query(ACCOUNTS_SHAPE.name))?
+    {
+        let c = match &cols {
+            Some(c) => c,
+            None => cols.insert(Columns::of(
+                &row,
+                &ACCOUNTS_SHAPE,
+                &[
+                    "account_id",
+                    "token",
+                    "push_input_output_message_events_for_managers",
+                ],
+            )?),
+        };
+        let q = ACCOUNTS_SHAPE.name;
+        let account_id = text(&row, q, c.0[0])?;
+        let token = text(&row, q, c.0[1])?;
+        let push = boolean(&row, q, c.0[2])?.unwrap_or(false);
+        match (account_id, token) {
+            (Some(id), Some(token)) if !id.trim().is_empty() && !token.trim().is_empty() => {
+                *seen.entry(id.clone()).or_default() += 1;
+                all.push(SourceAccount {
+                    account_id: id,
+                    token: SecretString::from(token.trim().to_string()),
+                    push_input_output_message_events_for_managers: push,
+                });
+            }
+            (Some(id), _) if !id.trim().is_empty() => summary
+                .bad_accounts
+                .push((id, "the account row has no token".into())),
+            _ => summary
+                .bad_accounts
+                .push(("(no id)".into(), "an account row has no account_id".into())),
+        }
+    }
+    let mut accounts = Vec::with_capacity(all.len());
+    for a in all {
+        if seen[&a.account_id] > 1 {
+            if !summary
+                .bad_accounts
+                .iter()
+                .any(|(id, _)| *id == a.account_id)
+            {
+                summary.bad_accounts.push((
+                    a.account_id.clone(),
+                    "the account id appears on more than one row of the accounts query".into(),
+                ));
+            }
+        } else {
+            accounts.push(a);
+        }
+    }
+    accounts.sort_by(|a, b| a.account_id.cmp(&b.account_id));
+    Ok(accounts)
+}
+
+/// The accounts the accounts query returns (for `check`).
+pub async fn list_accounts(
+    pool: &PgPool,
+    settings: &Settings,
+) -> Result<(Vec<SourceAccount>, ReadSummary), SourceError> {
+    let mut tx = begin_read_only(pool).await?;
+    let mut summary = ReadSummary::default();
+    let accounts = read_accounts(&mut tx, settings, &mut summary).await?;
+    tx.rollback().await?;
+    Ok((accounts, summary))
+}

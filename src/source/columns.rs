@@ -1,0 +1,228 @@
+//! Reading the three queries' columns: which exist, and each value as text or boolean
+//! (integer, uuid and char(n) columns are read as text), one row at a time.
+
+use futures::TryStreamExt;
+use sqlx::postgres::PgRow;
+use sqlx::{Column, Row, TypeInfo};
+
+use super::{SourceError, in_query};
+use crate::domain::{SourceRole, SourceUser};
+
+/// The columns each query must or may return.
+pub struct QueryShape {
+    pub name: &'static str,
+    pub required: &'static [&'static str],
+    pub optional: &'static [&'static str],
+}
+
+pub const USERS_SHAPE: QueryShape = QueryShape {
+    name: "users",
+    required: &["id", "name"],
+    optional: &["account_id", "phone", "hide_phone"],
+};
+pub const ROLES_SHAPE: QueryShape = QueryShape {
+    name: "user roles",
+    required: &["user_id", "channel_id", "role"],
+    optional: &["account_id", "allow_get_new_clients"],
+};
+pub const ACCOUNTS_SHAPE: QueryShape = QueryShape {
+    name: "accounts",
+    required: &["account_id", "token"],
+    optional: &["push_input_output_message_events_for_managers"],
+};
+
+pub(super) fn column_index(row: &PgRow, name: &str) -> Option<usize> {
+    row.columns()
+        .iter()
+        .position(|c| c.name().eq_ignore_ascii_case(name))
+}
+
+/// Reads a text column; integer and uuid columns are turned into text.
+pub(super) fn text(
+    row: &PgRow,
+    query: &'static str,
+    idx: Option<usize>,
+) -> Result<Option<String>, SourceError> {
+    let Some(i) = idx else { return Ok(None) };
+    let ty = row.columns()[i].type_info().name().to_string();
+    match ty.to_ascii_uppercase().as_str() {
+        "TEXT" | "VARCHAR" | "NAME" | "CITEXT" | "UNKNOWN" => {
+            Ok(row.try_get::<Option<String>, _>(i)?)
+        }
+        // char(n) pads with spaces that mean nothing (and that `::text` drops).
+        "BPCHAR" | "CHAR" => Ok(row
+            .try_get::<Option<String>, _>(i)?
+            .map(|v| v.trim_end_matches(' ').to_string())),
+        "INT2" => Ok(row.try_get::<Option<i16>, _>(i)?.map(|v| v.to_string())),
+        "INT4" => Ok(row.try_get::<Option<i32>, _>(i)?.map(|v| v.to_string())),
+        "INT8" => Ok(row.try_get::<Option<i64>, _>(i)?.map(|v| v.to_string())),
+        "UUID" => Ok(row
+            .try_get::<Option<uuid::Uuid>, _>(i)?
+            .map(|v| v.to_string())),
+        _ => Err(SourceError::WrongType {
+            query,
+            column: row.columns()[i].name().to_string(),
+            found: ty,
+            expected: "text",
+        }),
+    }
+}
+
+pub(super) fn boolean(
+    row: &PgRow,
+    query: &'static str,
+    idx: Option<usize>,
+) -> Result<Option<bool>, SourceError> {
+    let Some(i) = idx else { return Ok(None) };
+    let ty = row.columns()[i].type_info().name().to_string();
+    if ty != "BOOL" {
+        return Err(SourceError::WrongType {
+            query,
+            column: row.columns()[i].name().to_string(),
+            found: ty,
+            expected: "boolean",
+        });
+    }
+    Ok(row.try_get::<Option<bool>, _>(i)?)
+}
+
+/// Column positions of one query, found from its first row.
+pub(super) struct Columns(pub(super) Vec<Option<usize>>);
+
+impl Columns {
+    pub(super) fn of(
+        row: &PgRow,
+        shape: &QueryShape,
+        names: &[&'static str],
+    ) -> Result<Self, SourceError> {
+        for c in shape.required {
+            if column_index(row, c).is_none() {
+                return Err(SourceError::MissingColumn {
+                    query: shape.name,
+                    column: c,
+                });
+            }
+        }
+        Ok(Columns(
+            names.iter().map(|n| column_index(row, n)).collect(),
+        ))
+    }
+}
+
+pub(super) fn decode_user(row: &PgRow, c: &Columns) -> Result<SourceUser, SourceError> {
+    let q = USERS_SHAPE.name;
+    Ok(SourceUser {
+        account_id: text(row, q, c.0[0])?,
+        id: text(row, q, c.0[1])?,
+        name: text(row, q, c.0[2])?,
+        phone: text(row, q, c.0[3])?,
+        hide_phone: boolean(row, q, c.0[4])?,
+    })
+}
+
+pub(super) fn decode_role(row: &PgRow, c: &Columns) -> Result<SourceRole, SourceError> {
+    let q = ROLES_SHAPE.name;
+    Ok(SourceRole {
+        account_id: text(row, q, c.0[0])?,
+        user_id: text(row, q, c.0[1])?,
+        channel_id: text(row, q, c.0[2])?,
+        role: text(row, q, c.0[3])?,
+        allow_get_new_clients: boolean(row, q, c.0[4])?,
+    })
+}
+
+pub(super) const USER_COLUMNS: [&str; 5] = ["account_id", "id", "name", "phone", "hide_phone"];
+pub(super) const ROLE_COLUMNS: [&str; 5] = [
+    "account_id",
+    "user_id",
+    "channel_id",
+    "role",
+    "allow_get_new_clients",
+];
+
+/// A query's rows, decoded, one at a time, with one row of look-ahead.
+pub(super) struct RowReader<'c, T> {
+    pub(super) rows: futures::stream::BoxStream<'c, Result<PgRow, sqlx::Error>>,
+    pub(super) cols: Option<Columns>,
+    pub(super) shape: &'static QueryShape,
+    pub(super) names: &'static [&'static str],
+    pub(super) needs_account: bool,
+    pub(super) decode: fn(&PgRow, &Columns) -> Result<T, SourceError>,
+    pub(super) account: fn(&T) -> Option<&str>,
+    pub(super) head: Option<T>,
+}
+
+impl<'c, T> RowReader<'c, T> {
+    pub(super) fn new(
+        rows: futures::stream::BoxStream<'c, Result<PgRow, sqlx::Error>>,
+        shape: &'static QueryShape,
+        names: &'static [&'static str],
+        needs_account: bool,
+        decode: fn(&PgRow, &Columns) -> Result<T, SourceError>,
+        account: fn(&T) -> Option<&str>,
+    ) -> Self {
+        Self {
+            rows,
+            cols: None,
+            shape,
+            names,
+            needs_account,
+            decode,
+            account,
+            head: None,
+        }
+    }
+
+    /// Takes every remaining row.
+    pub(super) async fn take_all(&mut self) -> Result<Vec<T>, SourceError> {
+        let mut out = Vec::new();
+        while let Some(h) = self.head.take() {
+            out.push(h);
+            self.advance().await?;
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn advance(&mut self) -> Result<(), SourceError> {
+        let next = self
+            .rows
+            .try_next()
+            .await
+            .map_err(in_query(self.shape.name))?;
+        self.head = match next {
+            None => None,
+            Some(row) => {
+                if self.cols.is_none() {
+                    let c = Columns::of(&row, self.shape, self.names)?;
+                    if self.needs_account && c.0[0].is_none() {
+                        return Err(SourceError::MissingColumn {
+                            query: self.shape.name,
+                            column: "account_id",
+                        });
+                    }
+                    self.cols = Some(c);
+                }
+                Some((self.decode)(&row, self.cols.as_ref().expect("columns"))?)
+            }
+        };
+        Ok(())
+    }
+
+    /// The account of the next row: Some(None) for a row without one, None at the end.
+    pub(super) fn next_account(&self) -> Option<Option<&str>> {
+        self.head.as_ref().map(|h| (self.account)(h))
+    }
+
+    /// Takes every row of `account` (rows arrive ordered by account).
+    pub(super) async fn take(&mut self, account: Option<&str>) -> Result<Vec<T>, SourceError> {
+        let mut out = Vec::new();
+        while let Some(h) = &self.head {
+            if (self.account)(h) != account {
+                break;
+            }
+            out.push(self.head.take().expect("head"));
+            self.advance().await?;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,164 @@
+//! `accounts`: per account, the token last used (as a fingerprint), whether Wazzup refused it,
+//! the settings document last acknowledged, and the CRM fingerprint of its last clean cycle.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgPool;
+
+use super::Result;
+use crate::domain::SettingsDoc;
+
+/// What the state schema knows about one account.
+#[derive(Debug, Clone, Default)]
+pub struct AccountState {
+    pub token_fingerprint: Option<String>,
+    pub auth_failed_at: Option<DateTime<Utc>>,
+    pub settings_hash: Option<String>,
+    pub settings_doc: Option<SettingsDoc>,
+}
+
+#[derive(sqlx::FromRow)]
+struct AccountRow {
+    token_fingerprint: Option<String>,
+    status: String,
+    auth_failed_at: Option<DateTime<Utc>>,
+    settings_hash: Option<String>,
+    settings_doc: Option<serde_json::Value>,
+}
+
+/// The account's state; its last settings document only when `with_doc` (it can be large).
+pub async fn load_account(pool: &PgPool, account_id: &str, with_doc: bool) -> Result<AccountState> {
+    let row: Option<AccountRow> = sqlx::query_as(
+        "SELECT token_fingerprint, status, auth_failed_at, settings_hash,
+                CASE WHEN $2 THEN settings_doc END AS settings_doc
+         FROM accounts WHERE account_id = $1",
+    )
+    .bind(account_id)
+    .bind(with_doc)
+    .fetch_optional(pool)
+    .await?;
+    Ok(match row {
+        None => AccountState::default(),
+        Some(r) => AccountState {
+            token_fingerprint: r.token_fingerprint,
+            auth_failed_at: if r.status == "auth_failed" {
+                r.auth_failed_at
+            } else {
+                None
+            },
+            settings_hash: r.settings_hash,
+            settings_doc: r.settings_doc.and_then(|d| serde_json::from_value(d).ok()),
+        },
+    })
+}
+
+/// Records the end of an account's cycle.
+pub async fn finish_account(
+    pool: &PgPool,
+    account_id: &str,
+    fingerprint: &str,
+    success: bool,
+    error: Option<&str>,
+    source_fingerprint: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO accounts (account_id, token_fingerprint, status, last_cycle_at, last_success_at, last_error,
+                               source_fingerprint)
+         VALUES ($1, $2, 'ok', now(), CASE WHEN $3 THEN now() END, $4, $5)
+         ON CONFLICT (account_id) DO UPDATE SET
+            token_fingerprint = EXCLUDED.token_fingerprint,
+            status = 'ok', auth_failed_at = NULL,
+            last_cycle_at = now(),
+            last_success_at = COALESCE(EXCLUDED.last_success_at, accounts.last_success_at),
+            last_error = EXCLUDED.last_error,
+            source_fingerprint = EXCLUDED.source_fingerprint",
+    )
+    .bind(account_id)
+    .bind(fingerprint)
+    .bind(success)
+    .bind(error)
+    .bind(source_fingerprint)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The fingerprints stored at each account's last clean cycle, with the token then used.
+pub async fn load_source_fingerprints(pool: &PgPool) -> Result<HashMap<String, (String, String)>> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT account_id, source_fingerprint, token_fingerprint FROM accounts
+         WHERE source_fingerprint IS NOT NULL AND token_fingerprint IS NOT NULL AND status = 'ok'",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(a, s, t)| (a, (s, t))).collect())
+}
+
+/// Forgets an account's clean fingerprint before anything is sent for it: if the process dies
+/// mid-way and the CRM then returns to its old rows, the account is still synced.
+pub async fn clear_source_fingerprint(pool: &PgPool, account_id: &str) -> Result<()> {
+    sqlx::query(
+        "UPDATE accounts SET source_fingerprint = NULL
+         WHERE account_id = $1 AND source_fingerprint IS NOT NULL",
+    )
+    .bind(account_id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records a cycle for accounts skipped because nothing changed, in one statement.
+pub async fn touch_unchanged(pool: &PgPool, account_ids: &[String]) -> Result<()> {
+    if account_ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE accounts SET last_cycle_at = now(), last_success_at = now(), last_error = NULL
+         WHERE account_id = ANY($1)",
+    )
+    .bind(account_ids)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Marks an account whose token Wazzup refused.
+pub async fn mark_auth_failed(
+    pool: &PgPool,
+    account_id: &str,
+    fingerprint: &str,
+    status: u16,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO accounts (account_id, token_fingerprint, status, auth_failed_at, last_cycle_at, last_error)
+         VALUES ($1, $2, 'auth_failed', now(), now(), $3)
+         ON CONFLICT (account_id) DO UPDATE SET
+            token_fingerprint = EXCLUDED.token_fingerprint, status = 'auth_failed', source_fingerprint = NULL,
+            auth_failed_at = now(), last_cycle_at = now(), last_error = EXCLUDED.last_error",
+    )
+    .bind(account_id)
+    .bind(fingerprint)
+    .bind(format!("Wazzup refused the token (HTTP {status})"))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub async fn save_settings(
+    pool: &PgPool,
+    account_id: &str,
+    doc: &SettingsDoc,
+    hash: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO accounts (account_id, settings_hash, settings_doc) VALUES ($1, $2, $3)
+         ON CONFLICT (account_id) DO UPDATE SET settings_hash = $2, settings_doc = $3",
+    )
+    .bind(account_id)
+    .bind(hash)
+    .bind(serde_json::to_value(doc).expect("settings serialize"))
+    .execute(pool)
+    .await?;
+    Ok(())
+}

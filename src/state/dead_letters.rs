@@ -1,0 +1,333 @@
+//! `dead_letters`: records refused locally (kind `invalid`) or by Wazzup (kind `rejected`), one
+//! open row per record, with the reason and, for refusals, when to try again.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::PgPool;
+
+use super::Result;
+use crate::domain::{Entity, Rejection};
+
+/// Who refused the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, Serialize)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum DeadLetterKind {
+    /// Refused by the daemon's own checks; never sent. Closes when the CRM row is fixed.
+    Invalid,
+    /// Refused by Wazzup; sent again on a schedule, or at once when its content changes.
+    Rejected,
+}
+
+impl DeadLetterKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterKind::Invalid => "invalid",
+            DeadLetterKind::Rejected => "rejected",
+        }
+    }
+}
+
+/// How a dead letter was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, Serialize)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum Resolution {
+    /// The record is now in Wazzup as the CRM says.
+    Synced,
+    /// The record left the CRM.
+    Gone,
+    /// A refused role row was fixed in the CRM.
+    Fixed,
+    /// A user whose deletion was refused came back to the CRM.
+    Returned,
+    /// An operator closed it by hand.
+    Discarded,
+}
+
+impl Resolution {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Resolution::Synced => "synced",
+            Resolution::Gone => "gone",
+            Resolution::Fixed => "fixed",
+            Resolution::Returned => "returned",
+            Resolution::Discarded => "discarded",
+        }
+    }
+}
+
+/// Open dead letters per account, for every account the state knows (0 included).
+pub async fn open_dead_letter_counts(pool: &PgPool) -> Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        "SELECT a.account_id, count(d.id) FROM (
+             SELECT account_id FROM accounts UNION SELECT account_id FROM dead_letters
+         ) AS a LEFT JOIN dead_letters d ON d.account_id = a.account_id AND d.resolved_at IS NULL
+         GROUP BY a.account_id ORDER BY a.account_id",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(Into::into)
+}
+
+/// An open dead letter (or one an operator discarded), as the planner needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OpenDeadLetter {
+    pub entity: Entity,
+    pub record_id: String,
+    pub kind: DeadLetterKind,
+    pub error_code: String,
+    pub error_message: String,
+    pub payload_hash: Option<String>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    /// `Discarded` for rows an operator closed by hand; None for open rows.
+    pub resolution: Option<Resolution>,
+}
+
+impl OpenDeadLetter {
+    pub fn is_open(&self) -> bool {
+        self.resolution.is_none()
+    }
+}
+
+pub async fn open_dead_letters(pool: &PgPool, account_id: &str) -> Result<Vec<OpenDeadLetter>> {
+    sqlx::query_as(
+        "SELECT entity, record_id, kind, error_code, error_message, payload_hash, next_attempt_at, resolution
+         FROM dead_letters
+         WHERE account_id = $1 AND (resolved_at IS NULL OR resolution = 'discarded')",
+    )
+    .bind(account_id)
+    .fetch_all(pool)
+    .await
+    .map_err(Into::into)
+}
+
+/// Open dead letters of an account: (all, refused by Wazzup).
+pub async fn count_open_dead_letters(pool: &PgPool, account_id: &str) -> Result<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT count(*), count(*) FILTER (WHERE kind = 'rejected')
+         FROM dead_letters WHERE account_id = $1 AND resolved_at IS NULL",
+    )
+    .bind(account_id)
+    .fetch_one(pool)
+    .await
+    .map_err(Into::into)
+}
+
+/// Writes local rejections (kind `invalid`), one open row per record, in one statement.
+pub async fn record_invalid(
+    pool: &PgPool,
+    account_id: &str,
+    rejections: &[&Rejection],
+) -> Result<()> {
+    if rejections.is_empty() {
+        return Ok(());
+    }
+    let entities: Vec<&str> = rejections.iter().map(|r| r.entity.as_str()).collect();
+    let ids: Vec<&str> = rejections.iter().map(|r| r.record_id.as_str()).collect();
+    let codes: Vec<&str> = rejections.iter().map(|r| r.code).collect();
+    let messages: Vec<&str> = rejections.iter().map(|r| r.message.as_str()).collect();
+    let payloads: Vec<serde_json::Value> = rejections.iter().map(|r| r.payload.clone()).collect();
+    let hashes: Vec<String> = rejections.iter().map(|r| invalid_hash(r)).collect();
+    sqlx::query(
+        "INSERT INTO dead_letters (account_id, entity, record_id, kind, error_code, error_message, payload, payload_hash)
+         SELECT $1, r.entity, r.record_id, 'invalid', r.code, r.message, r.payload, r.hash
+         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
+              AS r(entity, record_id, code, message, payload, hash)
+         ON CONFLICT (account_id, entity, record_id) WHERE resolved_at IS NULL DO UPDATE SET
+            kind = 'invalid', error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message,
+            http_status = NULL, payload = EXCLUDED.payload, payload_hash = EXCLUDED.payload_hash,
+            attempts = dead_letters.attempts + 1, last_failed_at = now(), next_attempt_at = NULL",
+    )
+    .bind(account_id)
+    .bind(entities)
+    .bind(ids)
+    .bind(codes)
+    .bind(messages)
+    .bind(payloads)
+    .bind(hashes)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A stable hash of a local rejection: its row and its reason; unchanged ones are not rewritten.
+pub fn invalid_hash(r: &Rejection) -> String {
+    crate::domain::content_hash(format!("{}|{}|{}", r.code, r.message, r.payload).as_bytes())
+}
+
+/// A record Wazzup refused.
+#[derive(Debug, Clone)]
+pub struct RemoteRejection {
+    pub entity: Entity,
+    pub record_id: String,
+    pub code: String,
+    pub message: String,
+    pub http_status: Option<u16>,
+    pub payload: serde_json::Value,
+    pub payload_hash: String,
+}
+
+/// Writes remote rejections (kind `rejected`) and schedules their next attempt:
+/// 1 min, 5 min, 30 min, 2 h, then daily; a changed payload restarts the schedule.
+pub async fn record_rejected(
+    pool: &PgPool,
+    account_id: &str,
+    rejections: &[RemoteRejection],
+) -> Result<()> {
+    if rejections.is_empty() {
+        return Ok(());
+    }
+    let entities: Vec<&str> = rejections.iter().map(|r| r.entity.as_str()).collect();
+    let ids: Vec<&str> = rejections.iter().map(|r| r.record_id.as_str()).collect();
+    let codes: Vec<&str> = rejections.iter().map(|r| r.code.as_str()).collect();
+    let messages: Vec<&str> = rejections.iter().map(|r| r.message.as_str()).collect();
+    let statuses: Vec<Option<i32>> = rejections
+        .iter()
+        .map(|r| r.http_status.map(i32::from))
+        .collect();
+    let payloads: Vec<serde_json::Value> = rejections.iter().map(|r| r.payload.clone()).collect();
+    let hashes: Vec<&str> = rejections.iter().map(|r| r.payload_hash.as_str()).collect();
+    sqlx::query(
+        "WITH r AS (
+            SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::jsonb[], $8::text[])
+                AS r(entity, record_id, code, message, status, payload, hash)
+         )
+         INSERT INTO dead_letters AS d (account_id, entity, record_id, kind, error_code, error_message,
+                                        http_status, payload, payload_hash, next_attempt_at)
+         SELECT $1, r.entity, r.record_id, 'rejected', r.code, r.message, r.status, r.payload, r.hash,
+                now() + interval '1 minute'
+         FROM r
+         ON CONFLICT (account_id, entity, record_id) WHERE resolved_at IS NULL DO UPDATE SET
+            attempts = CASE WHEN d.kind = 'rejected' AND d.payload_hash = EXCLUDED.payload_hash
+                            THEN d.attempts + 1 ELSE 1 END,
+            kind = 'rejected', error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message,
+            http_status = EXCLUDED.http_status, payload = EXCLUDED.payload,
+            payload_hash = EXCLUDED.payload_hash, last_failed_at = now(),
+            next_attempt_at = now() + CASE
+                WHEN d.kind <> 'rejected' OR d.payload_hash IS DISTINCT FROM EXCLUDED.payload_hash
+                    THEN interval '1 minute'
+                WHEN d.attempts = 1 THEN interval '5 minutes'
+                WHEN d.attempts = 2 THEN interval '30 minutes'
+                WHEN d.attempts = 3 THEN interval '2 hours'
+                ELSE interval '1 day' END",
+    )
+    .bind(account_id)
+    .bind(entities)
+    .bind(ids)
+    .bind(codes)
+    .bind(messages)
+    .bind(statuses)
+    .bind(payloads)
+    .bind(hashes)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Closes open dead letters: the record synced, was fixed, or left the CRM.
+pub async fn resolve(
+    pool: &PgPool,
+    account_id: &str,
+    entity: Entity,
+    record_ids: &[String],
+    resolution: Resolution,
+) -> Result<u64> {
+    if record_ids.is_empty() {
+        return Ok(0);
+    }
+    let done = sqlx::query(
+        "UPDATE dead_letters SET resolved_at = now(), resolution = $4
+         WHERE account_id = $1 AND entity = $2 AND record_id = ANY($3) AND resolved_at IS NULL",
+    )
+    .bind(account_id)
+    .bind(entity)
+    .bind(record_ids)
+    .bind(resolution)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// One dead letter as an operator reads it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DeadLetterRow {
+    pub id: i64,
+    pub account_id: String,
+    pub entity: Entity,
+    pub record_id: String,
+    pub kind: DeadLetterKind,
+    pub error_code: String,
+    pub error_message: String,
+    pub http_status: Option<i32>,
+    pub payload: Option<serde_json::Value>,
+    pub attempts: i32,
+    pub first_failed_at: DateTime<Utc>,
+    pub last_failed_at: DateTime<Utc>,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub resolution: Option<Resolution>,
+}
+
+/// Which dead letters a command acts on.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub account: Option<String>,
+    pub id: Option<i64>,
+}
+
+/// Open dead letters (and resolved ones when `include_resolved`).
+pub async fn list_dead_letters(
+    pool: &PgPool,
+    sel: &Selection,
+    include_resolved: bool,
+) -> Result<Vec<DeadLetterRow>> {
+    sqlx::query_as(
+        "SELECT id, account_id, entity, record_id, kind, error_code, error_message, http_status, payload,
+                attempts, first_failed_at, last_failed_at, next_attempt_at, resolved_at, resolution
+         FROM dead_letters
+         WHERE ($1::text IS NULL OR account_id = $1) AND ($2::bigint IS NULL OR id = $2)
+           AND ($3 OR resolved_at IS NULL)
+         ORDER BY account_id, entity, record_id, id",
+    )
+    .bind(&sel.account)
+    .bind(sel.id)
+    .bind(include_resolved)
+    .fetch_all(pool)
+    .await
+    .map_err(Into::into)
+}
+
+/// Makes refused records due at the next cycle. Returns the accounts touched.
+pub async fn retry_dead_letters(pool: &PgPool, sel: &Selection) -> Result<Vec<String>> {
+    sqlx::query_scalar(
+        "UPDATE dead_letters SET next_attempt_at = now()
+         WHERE resolved_at IS NULL AND ($1::text IS NULL OR account_id = $1) AND ($2::bigint IS NULL OR id = $2)
+         RETURNING account_id",
+    )
+    .bind(&sel.account)
+    .bind(sel.id)
+    .fetch_all(pool)
+    .await
+    .map(|mut v: Vec<String>| {
+        v.sort();
+        v.dedup();
+        v
+    })
+    .map_err(Into::into)
+}
+
+/// Closes dead letters by hand. The record stays quiet while it is unchanged: a refused user
+/// is not sent again and an invalid row is not reported again until the CRM changes it; a
+/// refused deletion is not tried again while the user stays out of the CRM.
+pub async fn discard_dead_letters(pool: &PgPool, sel: &Selection) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE dead_letters SET resolved_at = now(), resolution = 'discarded'
+         WHERE resolved_at IS NULL AND ($1::text IS NULL OR account_id = $1) AND ($2::bigint IS NULL OR id = $2)",
+    )
+    .bind(&sel.account)
+    .bind(sel.id)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}

@@ -1,0 +1,154 @@
+//! `mirror_users` and `pending_users`: what Wazzup acknowledged per user (the payload's hash,
+//! the phone it was read from, the name), and users sent whose answer was not yet recorded.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::postgres::PgPool;
+
+use super::Result;
+use crate::domain::{PhoneCache, ValidUser};
+use crate::plan::LastPushed;
+
+/// The mirror of one account: user id → hash of the payload Wazzup acknowledged.
+pub async fn load_mirror(pool: &PgPool, account_id: &str) -> Result<HashMap<String, String>> {
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT user_id, hash FROM mirror_users WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_all(pool)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The last acknowledged name and phone of an account's users (for `plan --detail`).
+pub async fn load_mirrored_users(
+    pool: &PgPool,
+    account_id: &str,
+) -> Result<HashMap<String, LastPushed>> {
+    type Row = (String, Option<String>, Option<String>);
+    let rows: std::result::Result<Vec<Row>, sqlx::Error> =
+        sqlx::query_as("SELECT user_id, name, phone FROM mirror_users WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_all(pool)
+            .await;
+    match rows {
+        Ok(rows) => Ok(rows
+            .into_iter()
+            .map(|(id, name, phone)| (id, LastPushed { name, phone }))
+            .collect()),
+        // A schema not yet migrated this far: nothing known.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42703") => {
+            Ok(Default::default())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Notes users about to be sent, before the request: if the process dies before recording the
+/// answer, the next cycle still knows they may be in Wazzup.
+pub async fn mark_pending(pool: &PgPool, account_id: &str, ids: &[String]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO pending_users (account_id, user_id) SELECT $1, u FROM UNNEST($2::text[]) AS u
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(account_id)
+    .bind(ids)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Users sent earlier whose answer was never recorded.
+pub async fn load_pending(pool: &PgPool, account_id: &str) -> Result<HashSet<String>> {
+    let ids: std::result::Result<Vec<String>, sqlx::Error> =
+        sqlx::query_scalar("SELECT user_id FROM pending_users WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_all(pool)
+            .await;
+    match ids {
+        Ok(ids) => Ok(ids.into_iter().collect()),
+        // A dry run against a schema not yet migrated this far: nothing is pending.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
+            Ok(Default::default())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The phones read in earlier cycles, for normalization to reuse.
+pub async fn load_phone_cache(pool: &PgPool, account_id: &str) -> Result<PhoneCache> {
+    type Row = (String, String, Option<String>, Option<bool>);
+    let rows: std::result::Result<Vec<Row>, sqlx::Error> = sqlx::query_as(
+        "SELECT user_id, phone_source, phone, phone_valid FROM mirror_users
+         WHERE account_id = $1 AND phone_source IS NOT NULL",
+    )
+    .bind(account_id)
+    .fetch_all(pool)
+    .await;
+    match rows {
+        Ok(rows) => Ok(rows
+            .into_iter()
+            .map(|(id, source, phone, valid)| (id, (source, phone, valid.unwrap_or(false))))
+            .collect()),
+        // A dry run against a schema not yet migrated this far: nothing cached.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42703") => {
+            Ok(Default::default())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Records users Wazzup acknowledged, in one statement.
+pub async fn upsert_mirror(pool: &PgPool, account_id: &str, users: &[&ValidUser]) -> Result<()> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = users.iter().map(|u| u.payload.id.as_str()).collect();
+    let hashes: Vec<&str> = users.iter().map(|u| u.hash.as_str()).collect();
+    let sources: Vec<Option<&str>> = users.iter().map(|u| u.phone_source.as_deref()).collect();
+    let phones: Vec<Option<&str>> = users.iter().map(|u| u.payload.phone.as_deref()).collect();
+    let valid: Vec<bool> = users.iter().map(|u| u.phone_valid).collect();
+    let names: Vec<&str> = users.iter().map(|u| u.payload.name.as_str()).collect();
+    sqlx::query(
+        "WITH done AS (
+            DELETE FROM pending_users WHERE account_id = $1 AND user_id = ANY($2)
+         )
+         INSERT INTO mirror_users (account_id, user_id, hash, synced_at, phone_source, phone, phone_valid, name)
+         SELECT $1, u.id, u.hash, now(), u.source, u.phone, u.valid, u.name
+         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::text[])
+              AS u(id, hash, source, phone, valid, name)
+         ON CONFLICT (account_id, user_id) DO UPDATE SET hash = EXCLUDED.hash, synced_at = now(),
+            phone_source = EXCLUDED.phone_source, phone = EXCLUDED.phone, phone_valid = EXCLUDED.phone_valid,
+            name = EXCLUDED.name",
+    )
+    .bind(account_id)
+    .bind(ids)
+    .bind(hashes)
+    .bind(sources)
+    .bind(phones)
+    .bind(valid)
+    .bind(names)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Forgets users Wazzup acknowledged deleting.
+pub async fn delete_mirror(pool: &PgPool, account_id: &str, ids: &[String]) -> Result<()> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "WITH done AS (
+            DELETE FROM pending_users WHERE account_id = $1 AND user_id = ANY($2)
+         )
+         DELETE FROM mirror_users WHERE account_id = $1 AND user_id = ANY($2)",
+    )
+    .bind(account_id)
+    .bind(ids)
+    .execute(pool)
+    .await?;
+    Ok(())
+}

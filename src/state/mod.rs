@@ -1,0 +1,121 @@
+//! The daemon's own tables: the mirror of what Wazzup acknowledged, accounts, dead letters.
+//!
+//! Every write is set-based, and happens only after Wazzup acknowledged what it records. Every
+//! function returns [`StateError`]. One file per table family: [`accounts`], [`mirror`],
+//! [`dead_letters`], and [`locks`] for the per-account advisory lock.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use crate::config::Settings;
+
+pub mod accounts;
+pub mod dead_letters;
+pub mod locks;
+pub mod mirror;
+
+pub use accounts::*;
+pub use dead_letters::*;
+pub use locks::*;
+pub use mirror::*;
+
+/// A state database operation failed; the cause is said once, in a line.
+#[derive(Debug, thiserror::Error)]
+#[error("The state database: {}", crate::db::describe(.0))]
+pub struct StateError(#[from] pub sqlx::Error);
+
+/// The result of a state operation.
+pub type Result<T> = std::result::Result<T, StateError>;
+
+/// The embedded migrations.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+fn connect_options(settings: &Settings) -> std::result::Result<PgConnectOptions, sqlx::Error> {
+    Ok(
+        PgConnectOptions::from_str(settings.state_url().expose_secret())?
+            .application_name("wazzup-sync")
+            .options([("search_path", settings.state.schema.as_str())]),
+    )
+}
+
+/// Opens the state pool; its sessions' search_path is the state schema. The state needs real
+/// sessions (search_path, advisory locks): a direct connection or a session pooler. A session
+/// whose search_path did not take (a pooler that drops startup options) is refused, so the
+/// tables can never land in another schema.
+pub fn connect(settings: &Settings) -> std::result::Result<PgPool, sqlx::Error> {
+    let schema = settings.state.schema.clone();
+    Ok(PgPoolOptions::new()
+        // Each account in flight holds one session for its lock and uses one more for its queries.
+        .max_connections(pool_size(settings))
+        .acquire_timeout(Duration::from_secs(settings.state.connect_timeout_secs))
+        .idle_timeout(crate::db::IDLE_TIMEOUT)
+        .after_connect(move |conn, _| {
+            let schema = schema.clone();
+            Box::pin(async move {
+                let path: String = sqlx::query_scalar("SELECT current_setting('search_path')")
+                    .fetch_one(&mut *conn)
+                    .await?;
+                if path.trim_matches('"') != schema {
+                    return Err(sqlx::Error::Configuration(
+                        format!("the state session's search_path is {path:?}, not {schema:?}: the state database needs a direct connection or a session pooler (PgBouncer in transaction mode drops it)").into(),
+                    ));
+                }
+                Ok(())
+            })
+        })
+        .connect_lazy_with(connect_options(settings)?))
+}
+
+/// Connections the state pool may open: at least a lock session and a query session per
+/// account in flight, plus two.
+pub fn pool_size(settings: &Settings) -> u32 {
+    settings
+        .state
+        .max_connections
+        .max(2 * settings.sync.concurrency as u32 + 2)
+}
+
+/// Where the state database is, for connection errors.
+pub fn target(settings: &Settings) -> std::result::Result<crate::db::Target, sqlx::Error> {
+    Ok(crate::db::Target::new(
+        crate::db::Which::State,
+        connect_options(settings)?,
+        Duration::from_secs(settings.state.connect_timeout_secs),
+        settings.state_url_variable(),
+        "WAZZUP_SYNC__STATE__CONNECT_TIMEOUT_SECS",
+    ))
+}
+
+/// Creates the schema if needed and applies pending migrations (additive only). The error says
+/// the cause once, in a line.
+pub async fn migrate(pool: &PgPool, schema: &str) -> std::result::Result<(), String> {
+    let describe = |e: sqlx::Error| crate::db::describe(&e);
+    let mut conn = pool.acquire().await.map_err(describe)?;
+    // The schema name was checked to be a plain identifier at start-up.
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}"
+    )))
+    .execute(&mut *conn)
+    .await
+    .map_err(describe)?;
+    MIGRATOR.run(&mut *conn).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(e) => crate::db::describe(&e),
+        sqlx::migrate::MigrateError::ExecuteMigration(e, version) => {
+            format!("migration {version}: {}", crate::db::describe(&e))
+        }
+        other => other.to_string(),
+    })
+}
+
+/// True when the state tables exist (a dry run must not create them).
+pub async fn is_migrated(pool: &PgPool, schema: &str) -> Result<bool> {
+    let found: Option<String> = sqlx::query_scalar("SELECT to_regclass($1)::text")
+        .bind(format!("{schema}.mirror_users"))
+        .fetch_one(pool)
+        .await?;
+    Ok(found.is_some())
+}

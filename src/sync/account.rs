@@ -1,0 +1,221 @@
+//! One account's cycle, as its list of stages: the token's cool-down, local rejections, drift
+//! repair (reconcile), the plan, users, dead letters that closed, settings, deletes, the end.
+
+use chrono::Utc;
+use wazzup_api::{Account, RequestStats};
+
+use super::report::{AccountOutcome, AccountReport};
+use super::{CycleOptions, Engine, Stop};
+use crate::domain::{Normalized, token_fingerprint};
+use crate::plan::{self, DeleteGuard, UserPlan};
+use crate::source::SourceAccount;
+use crate::state::{self, AccountState, OpenDeadLetter, StateError};
+
+/// What every stage of one account's cycle works on.
+pub(super) struct Job<'a> {
+    pub account: &'a SourceAccount,
+    pub api: Account<'a>,
+    pub norm: &'a Normalized,
+    pub opts: &'a CycleOptions,
+    /// The token's fingerprint (what the state remembers of it).
+    pub token: String,
+    /// The account's open dead letters (and those an operator discarded), as the cycle began.
+    pub open: Vec<OpenDeadLetter>,
+    /// Of those, the records Wazzup refused that are not due again.
+    pub waiting: plan::Waiting,
+}
+
+impl Job<'_> {
+    pub fn id(&self) -> &str {
+        &self.account.account_id
+    }
+}
+
+impl Engine {
+    /// Takes the account's advisory lock for the length of its cycle; another replica holding
+    /// it means the account is that replica's this time.
+    pub(super) async fn sync_account_locked(
+        &self,
+        account: &SourceAccount,
+        source_fingerprint: &str,
+        norm: &Normalized,
+        opts: &CycleOptions,
+        stats: &RequestStats,
+        report: &mut AccountReport,
+    ) -> Result<AccountOutcome, StateError> {
+        let schema = &self.settings.state.schema;
+        let mut lock = self.state.acquire().await?;
+        if !state::try_lock_account(&mut lock, schema, &account.account_id).await? {
+            return Ok(AccountOutcome::Locked);
+        }
+        let api = Account {
+            account_id: &account.account_id,
+            token: &account.token,
+            stats,
+        };
+        let result = self
+            .sync_account(account, api, source_fingerprint, norm, opts, report)
+            .await;
+        if state::unlock_account(&mut lock, schema, &account.account_id)
+            .await
+            .is_err()
+        {
+            // Closing the session releases the lock for sure.
+            let _ = sqlx::Connection::close(lock.detach()).await;
+        }
+        result
+    }
+
+    /// The stages, in order. A stage that stops (a refused token, a fault that outlasted its
+    /// retries, shutdown) lets the later stages record what they must, but send nothing.
+    async fn sync_account(
+        &self,
+        account: &SourceAccount,
+        api: Account<'_>,
+        source_fingerprint: &str,
+        norm: &Normalized,
+        opts: &CycleOptions,
+        report: &mut AccountReport,
+    ) -> Result<AccountOutcome, StateError> {
+        let id = account.account_id.as_str();
+        let token = token_fingerprint(&account.token);
+        // The last document keeps refused users' roles, and is compared in a reconcile.
+        let with_doc = opts.reconcile || !norm.rejected_user_ids.is_empty();
+        let mut last = state::load_account(&self.state, id, with_doc).await?;
+        if let Some(skipped) = self.cooling_down(&last, &token) {
+            return Ok(skipped);
+        }
+        state::clear_source_fingerprint(&self.state, id).await?;
+        let open = state::open_dead_letters(&self.state, id).await?;
+        let job = Job {
+            account,
+            api,
+            norm,
+            opts,
+            token,
+            waiting: super::rejections::waiting(&open, Utc::now()),
+            open,
+        };
+        self.record_local_rejections(&job, report).await?;
+        if opts.reconcile
+            && let Some(outcome) = self.drift_stage(&job, &mut last, report).await?
+        {
+            return Ok(outcome);
+        }
+        let mut mirror = state::load_mirror(&self.state, id).await?;
+        let pending = state::load_pending(&self.state, id).await?;
+        let plan = self.plan_for(&job, &mirror, &pending, report);
+        let mut stop = self.users_stage(&job, &plan, &mut mirror, report).await?;
+        self.close_dead_letters(&job, &mirror).await?;
+        let deletes = if stop.is_none() {
+            plan.deletes.clone()
+        } else {
+            vec![]
+        };
+        let settings_stop = self
+            .settings_stage(&job, &mirror, &deletes, &last, stop.is_some(), report)
+            .await?;
+        stop = stop.or(settings_stop);
+        if stop.is_none() && !deletes.is_empty() {
+            stop = self.deletes_stage(&job, &deletes, &mirror, report).await?;
+        }
+        self.close_returned_deletes(&job).await?;
+        self.finish(&job, source_fingerprint, stop, report).await
+    }
+
+    /// Skipped while Wazzup refused this very token and the cool-down has not passed.
+    fn cooling_down(&self, last: &AccountState, token: &str) -> Option<AccountOutcome> {
+        let failed_at = last.auth_failed_at?;
+        let cooldown = chrono::Duration::seconds(self.settings.wazzup.auth_cooldown_secs as i64);
+        (last.token_fingerprint.as_deref() == Some(token) && Utc::now() < failed_at + cooldown)
+            .then(|| {
+                AccountOutcome::Skipped(
+                    "Wazzup refused this token earlier; waiting for a new token or the cool-down"
+                        .into(),
+                )
+            })
+    }
+
+    /// The deletion guard for this account in this cycle.
+    pub(super) fn guard(&self, account: &SourceAccount, opts: &CycleOptions) -> DeleteGuard {
+        DeleteGuard {
+            max_percent: self.settings.sync.mass_delete_max_percent,
+            min: self.settings.sync.mass_delete_min,
+            allowed: self.settings.sync.allow_mass_delete
+                || opts.allow_mass_delete.contains(&account.account_id)
+                || opts.allow_mass_delete.contains("*"),
+        }
+    }
+
+    /// The users' plan, its counts in the report, and a line when deletions are held back.
+    fn plan_for<'n>(
+        &self,
+        job: &Job<'n>,
+        mirror: &std::collections::HashMap<String, String>,
+        pending: &std::collections::HashSet<String>,
+        report: &mut AccountReport,
+    ) -> UserPlan<'n> {
+        let p = plan::plan_users(
+            job.norm,
+            mirror,
+            pending,
+            &job.waiting,
+            self.settings.sync.delete_missing,
+            self.guard(job.account, job.opts),
+        );
+        report.unchanged = p.unchanged;
+        report.waiting = p.waiting + p.deletes_waiting;
+        report.deletes_blocked = p.deletes_blocked;
+        if let Some((would, mirrored)) = p.deletes_blocked {
+            tracing::error!(
+                would_delete = would,
+                mirrored,
+                max_percent = self.settings.sync.mass_delete_max_percent,
+                "Held back a mass deletion: the CRM no longer returns many synced users. Check the users query; let it through with `wazzup-sync sync --allow-mass-delete ACCOUNT`"
+            );
+        }
+        p
+    }
+
+    /// Records how the account's cycle ended. A clean end (nothing left to send or retry)
+    /// stores the CRM fingerprint, so unchanged rows next time mean nothing to do.
+    async fn finish(
+        &self,
+        job: &Job<'_>,
+        source_fingerprint: &str,
+        stop: Option<Stop>,
+        report: &AccountReport,
+    ) -> Result<AccountOutcome, StateError> {
+        let id = job.id();
+        let outcome = match stop {
+            None => AccountOutcome::Completed,
+            Some(Stop::Shutdown) => AccountOutcome::Incomplete("the daemon is stopping".into()),
+            Some(Stop::Transient(why)) => AccountOutcome::Incomplete(why),
+            Some(Stop::Auth(status)) => {
+                state::mark_auth_failed(&self.state, id, &job.token, status).await?;
+                return Ok(AccountOutcome::AuthFailed(format!(
+                    "Wazzup refused the token (HTTP {status}); the account is skipped until its token changes"
+                )));
+            }
+        };
+        let (_, open_rejected) = state::count_open_dead_letters(&self.state, id).await?;
+        let clean = outcome == AccountOutcome::Completed
+            && report.deferred == 0
+            && report.waiting == 0
+            && report.deletes_blocked.is_none()
+            && report.rejected_remotely == 0
+            && open_rejected == 0;
+        state::finish_account(
+            &self.state,
+            id,
+            &job.token,
+            outcome == AccountOutcome::Completed,
+            outcome.reason(),
+            clean
+                .then_some(source_fingerprint)
+                .filter(|f| !f.is_empty()),
+        )
+        .await?;
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,147 @@
+//! One cycle: read the CRM snapshot, then per account normalize, plan, push, record.
+//!
+//! [`cycle`] runs a cycle over every account; [`account`] is one account's flow, which reads
+//! as its list of stages: [`users`] (push), [`settings`], [`deletes`], [`drift`] (repair,
+//! in a reconcile), [`dry_run`] (`plan`); [`rejections`] records and closes dead letters;
+//! [`batch`] is the pure batch queue; [`report`] and [`progress`] say what happened.
+
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio::sync::watch;
+use wazzup_api::WazzupClient;
+
+use crate::config::Settings;
+use crate::domain::NormalizeOptions;
+use crate::source::{self, SourceAccount};
+use crate::state;
+
+pub mod account;
+pub mod batch;
+pub mod cycle;
+pub mod deletes;
+pub mod drift;
+pub mod dry_run;
+pub mod progress;
+pub mod rejections;
+pub mod report;
+pub mod settings;
+pub mod users;
+
+pub use cycle::{CycleError, CycleOptions};
+pub use report::{AccountOutcome, AccountReport, CycleReport};
+
+/// Bumped whenever normalization changes what a CRM row becomes, so that accounts skipped as
+/// unchanged are read again after an upgrade. 2: role values are read exactly (ambiguous_role).
+const RULES_VERSION: u32 = 2;
+
+/// The sync engine: pools, client and settings, wired once.
+#[derive(Clone)]
+pub struct Engine {
+    pub settings: Arc<Settings>,
+    pub source: PgPool,
+    pub state: PgPool,
+    /// Where each database is, to say why a connection failed.
+    pub source_target: crate::db::Target,
+    pub state_target: crate::db::Target,
+    pub client: WazzupClient,
+    normalize: Arc<NormalizeOptions>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Why pushing stopped early for an account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stop {
+    /// A transient failure outlasted its retries; the rest waits for the next cycle.
+    Transient(String),
+    /// Wazzup refused the token (the HTTP status).
+    Auth(u16),
+    /// The daemon is stopping.
+    Shutdown,
+}
+
+impl Engine {
+    pub fn new(settings: Settings, shutdown: watch::Receiver<bool>) -> anyhow::Result<Self> {
+        let normalize = NormalizeOptions {
+            region: settings.phone_region(),
+            role_map: settings.role_map(),
+        };
+        Ok(Self {
+            source: source::connect(&settings)?,
+            state: state::connect(&settings)?,
+            source_target: source::target(&settings)?,
+            state_target: state::target(&settings)?,
+            client: crate::client::build(&settings)?,
+            settings: Arc::new(settings),
+            normalize: Arc::new(normalize),
+            shutdown,
+        })
+    }
+
+    /// Checks that both databases accept a connection; Err names each one that does not.
+    pub async fn probe(&self) -> Result<(), crate::db::Unreachable> {
+        crate::db::probe_all(&[&self.source_target, &self.state_target]).await
+    }
+
+    /// Says why a cycle failed: a connection failure names the database, its host and port,
+    /// the cause and the variable to check; a failed query is named.
+    pub async fn explain(&self, e: &CycleError) -> String {
+        match e {
+            CycleError::Source(s) => match s.sqlx() {
+                Some(err) if crate::db::is_connection_error(err) => {
+                    self.source_target.explain(err).await
+                }
+                _ => s.to_string(),
+            },
+            CycleError::State(err) => self.state_target.explain(&err.0).await,
+        }
+    }
+
+    /// What, besides the rows, decides what a row means: the code's version and rules, and the
+    /// settings that change normalization or deletion.
+    fn fingerprint_salt(&self) -> String {
+        crate::domain::content_hash(
+            format!(
+                "{}|{RULES_VERSION}|{:?}|{:?}|{}",
+                env!("CARGO_PKG_VERSION"),
+                self.normalize.region,
+                self.normalize.role_map,
+                self.settings.sync.delete_missing
+            )
+            .as_bytes(),
+        )
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// The single account of single-account mode, when the token is set.
+    fn single_account(&self) -> Option<SourceAccount> {
+        self.settings.single_token().map(|token| SourceAccount {
+            account_id: self.settings.wazzup.single_account_id.clone(),
+            token,
+            push_input_output_message_events_for_managers: self
+                .settings
+                .wazzup
+                .push_input_output_message_events_for_managers,
+        })
+    }
+
+    /// Sets `wazzup_sync_open_dead_letters` for every account the state knows, from the table:
+    /// accounts skipped as unchanged, and those whose last dead letter closed, are exported too.
+    pub async fn export_dead_letter_gauges(&self) {
+        match state::open_dead_letter_counts(&self.state).await {
+            Ok(counts) => {
+                for (account_id, n) in counts {
+                    metrics::gauge!("wazzup_sync_open_dead_letters", "account_id" => account_id)
+                        .set(n as f64);
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "Could not count the open dead letters for the metrics"
+            ),
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! The settings stage: the account's whole settings document, over the users that are in
+//! Wazzup, pushed when its hash changed (and it was not refused with this very content).
+
+use std::collections::{HashMap, HashSet};
+
+use wazzup_api::ApiError;
+
+use super::account::Job;
+use super::report::AccountReport;
+use super::{Engine, Stop};
+use crate::domain::{Entity, SettingsDoc, mask_digits, settings_hash};
+use crate::plan::{self, SETTINGS_RECORD};
+use crate::state::{self, AccountState, RemoteRejection, Resolution, StateError};
+
+impl Engine {
+    /// Builds the document and pushes it when it changed and nothing stopped the account
+    /// (`blocked`); its dead letter closes once Wazzup holds what the CRM says.
+    pub(super) async fn settings_stage(
+        &self,
+        job: &Job<'_>,
+        mirror: &HashMap<String, String>,
+        deletes: &[String],
+        last: &AccountState,
+        blocked: bool,
+        report: &mut AccountReport,
+    ) -> Result<Option<Stop>, StateError> {
+        let mut in_wazzup: HashSet<String> = mirror.keys().cloned().collect();
+        for d in deletes {
+            in_wazzup.remove(d);
+        }
+        let doc = plan::settings_doc(
+            job.norm,
+            &in_wazzup,
+            last.settings_doc.as_ref(),
+            job.account.push_input_output_message_events_for_managers,
+        );
+        let hash = settings_hash(&doc);
+        let due = last.settings_hash.as_deref() != Some(hash.as_str());
+        report.settings_changed = due;
+        let mut stop = None;
+        if due && !blocked {
+            if plan::settings_waiting(&job.waiting, &hash) {
+                report.waiting += 1;
+            } else if self.stopping() {
+                stop = Some(Stop::Shutdown);
+            } else {
+                stop = self.push_settings(job, &doc, &hash, report).await?;
+            }
+        }
+        if !due || report.settings_pushed {
+            let record = [SETTINGS_RECORD.to_string()];
+            state::resolve(
+                &self.state,
+                job.id(),
+                Entity::Settings,
+                &record,
+                Resolution::Synced,
+            )
+            .await?;
+        }
+        Ok(stop)
+    }
+
+    /// `PATCH /v2/settings`; a refusal is a dead letter for the whole document.
+    async fn push_settings(
+        &self,
+        job: &Job<'_>,
+        doc: &SettingsDoc,
+        hash: &str,
+        report: &mut AccountReport,
+    ) -> Result<Option<Stop>, StateError> {
+        let (status, code, description) = match self.client.patch_settings(&job.api, doc).await {
+            Ok(()) => {
+                state::save_settings(&self.state, job.id(), doc, hash).await?;
+                report.settings_pushed = true;
+                return Ok(None);
+            }
+            Err(ApiError::Unauthorized { status }) => return Ok(Some(Stop::Auth(status))),
+            Err(ApiError::Transient { reason, .. }) => {
+                return Ok(Some(Stop::Transient(format!(
+                    "settings not pushed: {reason}"
+                ))));
+            }
+            Err(ApiError::Rejected {
+                status,
+                code,
+                description,
+                ..
+            }) => (status, code, description),
+        };
+        tracing::error!(code = %code, description = %mask_digits(&description), http_status = status,
+            "Wazzup refused the account's settings document");
+        report.rejected_remotely += 1;
+        let refused = RemoteRejection {
+            entity: Entity::Settings,
+            record_id: SETTINGS_RECORD.into(),
+            code,
+            message: description,
+            http_status: Some(status),
+            payload: serde_json::to_value(doc).unwrap_or_default(),
+            payload_hash: hash.to_string(),
+        };
+        state::record_rejected(&self.state, job.id(), &[refused]).await?;
+        Ok(None)
+    }
+}

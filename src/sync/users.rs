@@ -1,0 +1,322 @@
+//! The users stage: changed and new users pushed in batches (updates first, so reaching the
+//! user limit only holds back creates); what Wazzup acknowledged goes to the mirror, what it
+//! refused to the dead letters.
+
+use std::collections::{HashMap, HashSet};
+
+use wazzup_api::{Account, ApiError};
+
+use super::account::Job;
+use super::batch::{BatchQueue, Next, Refusal, Verdict};
+use super::progress::Progress;
+use super::report::AccountReport;
+use super::{Engine, Stop};
+use crate::domain::{Entity, ValidUser, mask_digits};
+use crate::plan::UserPlan;
+use crate::state::{self, RemoteRejection, Resolution, StateError};
+
+/// One push of an account's users: the queue, and what it came to so far.
+struct Push<'u> {
+    queue: BatchQueue<&'u ValidUser>,
+    /// (user id, hash) of every user Wazzup acknowledged.
+    acked: Vec<(String, String)>,
+    rejected: usize,
+    /// Why the records still held were refused.
+    held: HashMap<String, RemoteRejection>,
+    /// Wazzup's answer (status, code, description) when it refused a user because the
+    /// account is full.
+    limit: Option<(u16, String, String)>,
+}
+
+impl Engine {
+    /// Pushes the plan's updates and creates; the mirror learns what landed.
+    pub(super) async fn users_stage(
+        &self,
+        job: &Job<'_>,
+        plan: &UserPlan<'_>,
+        mirror: &mut HashMap<String, String>,
+        report: &mut AccountReport,
+    ) -> Result<Option<Stop>, StateError> {
+        let mut due: Vec<&ValidUser> = plan.updates.clone();
+        due.extend(plan.creates.iter().copied());
+        if due.is_empty() {
+            return Ok(None);
+        }
+        warn_unreadable_phones(&due);
+        let in_mirror: HashSet<&str> = plan.updates.iter().map(|u| u.payload.id.as_str()).collect();
+        let mut push = Push {
+            queue: BatchQueue::new(due.clone(), self.settings.sync.batch_size),
+            acked: Vec::new(),
+            rejected: 0,
+            held: HashMap::new(),
+            limit: None,
+        };
+        let stop = self
+            .push_users(&job.api, &mut push, &in_mirror, report)
+            .await?;
+        for (uid, hash) in &push.acked {
+            mirror.insert(uid.clone(), hash.clone());
+        }
+        report.updated = push
+            .acked
+            .iter()
+            .filter(|(u, _)| in_mirror.contains(u.as_str()))
+            .count();
+        report.created = push.acked.len() - report.updated;
+        report.deferred += due.len() - push.acked.len() - push.rejected;
+        Ok(stop)
+    }
+
+    /// Sends batch after batch until the queue is empty or something stops the account; then
+    /// the records still held are refused for good.
+    async fn push_users(
+        &self,
+        acct: &Account<'_>,
+        push: &mut Push<'_>,
+        in_mirror: &HashSet<&str>,
+        report: &mut AccountReport,
+    ) -> Result<Option<Stop>, StateError> {
+        let mut progress = Progress::new(acct.account_id, push.queue.len());
+        let is_create = |u: &&ValidUser| !in_mirror.contains(u.payload.id.as_str());
+        let mut stop = None;
+        while let Some(Next { send, full }) = push.queue.next(is_create) {
+            if let Some((status, code, description)) = &push.limit {
+                let refused: Vec<_> = full
+                    .iter()
+                    .map(|u| user_rejection(u, *status, code, description))
+                    .collect();
+                self.record_refused(acct.account_id, refused, push, report)
+                    .await?;
+            }
+            if send.is_empty() {
+                continue;
+            }
+            if self.stopping() {
+                stop = Some(Stop::Shutdown);
+                break;
+            }
+            stop = self
+                .send_batch(acct, send, push, &is_create, report)
+                .await?;
+            progress.set(push.acked.len());
+            if stop.is_some() {
+                break;
+            }
+        }
+        let held: Vec<RemoteRejection> = push
+            .queue
+            .take_held()
+            .into_iter()
+            .filter_map(|u| push.held.remove(&u.payload.id))
+            .collect();
+        self.record_refused(acct.account_id, held, push, report)
+            .await?;
+        Ok(stop)
+    }
+
+    /// One `POST /v2/users`: the pending log first, then the answer recorded.
+    async fn send_batch<'u>(
+        &self,
+        acct: &Account<'_>,
+        batch: Vec<&'u ValidUser>,
+        push: &mut Push<'u>,
+        is_create: &impl Fn(&&ValidUser) -> bool,
+        report: &mut AccountReport,
+    ) -> Result<Option<Stop>, StateError> {
+        let creating: Vec<String> = batch
+            .iter()
+            .filter(|u| is_create(u))
+            .map(|u| u.payload.id.clone())
+            .collect();
+        state::mark_pending(&self.state, acct.account_id, &creating).await?;
+        let payloads: Vec<_> = batch.iter().map(|u| u.payload.clone()).collect();
+        match self.client.post_users(acct, &payloads).await {
+            Ok(processed) => match self.landed(acct, &batch, processed).await {
+                Ok(landed) => {
+                    self.record_landed(acct.account_id, &landed, push).await?;
+                    Ok(None)
+                }
+                Err(stop) => Ok(Some(stop)),
+            },
+            Err(ApiError::Unauthorized { status }) => Ok(Some(Stop::Auth(status))),
+            Err(ApiError::Transient { reason, .. }) => {
+                Ok(Some(Stop::Transient(format!("users not pushed: {reason}"))))
+            }
+            Err(e) => {
+                let refused = push.refuse(batch, &e);
+                self.record_refused(acct.account_id, refused, push, report)
+                    .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The users of a batch that landed: all of them, unless Wazzup processed fewer than sent;
+    /// then the account's users are read back to see which.
+    async fn landed<'u>(
+        &self,
+        acct: &Account<'_>,
+        batch: &[&'u ValidUser],
+        processed: Option<u64>,
+    ) -> Result<Vec<&'u ValidUser>, Stop> {
+        match processed {
+            Some(n) if (n as usize) < batch.len() => {
+                tracing::warn!(
+                    sent = batch.len(),
+                    processed = n,
+                    "Wazzup processed fewer users than sent; checking which landed"
+                );
+                self.confirm_landed(acct, batch).await.map_err(|e| match e {
+                    ApiError::Unauthorized { status } => Stop::Auth(status),
+                    e => Stop::Transient(format!("could not confirm a partial batch: {e}")),
+                })
+            }
+            _ => Ok(batch.to_vec()),
+        }
+    }
+
+    /// Reads the account's users to see which of the batch landed as sent.
+    async fn confirm_landed<'u>(
+        &self,
+        acct: &Account<'_>,
+        batch: &[&'u ValidUser],
+    ) -> Result<Vec<&'u ValidUser>, ApiError> {
+        let remote: HashMap<String, wazzup_api::UserPayload> = self
+            .client
+            .get_all_users(acct)
+            .await?
+            .into_iter()
+            .map(|u| (u.id.clone(), u))
+            .collect();
+        Ok(batch
+            .iter()
+            .copied()
+            .filter(|u| match remote.get(&u.payload.id) {
+                // Wazzup drops a phone it finds malformed; the rest must match.
+                Some(r) => {
+                    r.name == u.payload.name && (r.phone == u.payload.phone || r.phone.is_none())
+                }
+                None => false,
+            })
+            .collect())
+    }
+
+    /// The mirror learns what landed; their dead letters close.
+    async fn record_landed(
+        &self,
+        account_id: &str,
+        landed: &[&ValidUser],
+        push: &mut Push<'_>,
+    ) -> Result<(), StateError> {
+        let ids: Vec<String> = landed.iter().map(|u| u.payload.id.clone()).collect();
+        state::upsert_mirror(&self.state, account_id, landed).await?;
+        state::resolve(
+            &self.state,
+            account_id,
+            Entity::User,
+            &ids,
+            Resolution::Synced,
+        )
+        .await?;
+        push.queue.landed(landed.len());
+        push.acked.extend(
+            landed
+                .iter()
+                .map(|u| (u.payload.id.clone(), u.hash.clone())),
+        );
+        Ok(())
+    }
+
+    /// Dead-letters users Wazzup refused, with a line each.
+    async fn record_refused(
+        &self,
+        account_id: &str,
+        refused: Vec<RemoteRejection>,
+        push: &mut Push<'_>,
+        report: &mut AccountReport,
+    ) -> Result<(), StateError> {
+        for r in &refused {
+            tracing::warn!(record_id = %r.record_id, code = %r.code, description = %mask_digits(&r.message),
+                http_status = r.http_status, "Wazzup refused a user");
+        }
+        push.rejected += refused.len();
+        report.rejected_remotely += refused.len();
+        state::record_rejected(&self.state, account_id, &refused).await
+    }
+}
+
+impl<'u> Push<'u> {
+    /// Asks the queue what a refusal means, and keeps what must be remembered: the answer of a
+    /// full account, and why held users were refused. Returns the users refused now.
+    fn refuse(&mut self, batch: Vec<&'u ValidUser>, e: &ApiError) -> Vec<RemoteRejection> {
+        let ApiError::Rejected {
+            status,
+            code,
+            description,
+            indexes,
+        } = e
+        else {
+            return Vec::new();
+        };
+        let refusal = if e.code_is("USER_LIMIT_EXCEEDED") {
+            Refusal::UserLimit
+        } else if e.code_is("USER_ALREADY_EXISTS") {
+            Refusal::PhoneTaken
+        } else {
+            Refusal::Other
+        };
+        let first = batch[0];
+        let was_full = self.queue.is_full();
+        match self.queue.refused(batch, refusal, indexes) {
+            Verdict::Refuse(users) => {
+                if !was_full && self.queue.is_full() {
+                    tracing::error!(code = %code, "The account reached Wazzup's user limit; no more users are created this cycle");
+                    self.limit = Some((*status, code.clone(), description.clone()));
+                }
+                users
+                    .iter()
+                    .map(|u| user_rejection(u, *status, code, description))
+                    .collect()
+            }
+            Verdict::Held => {
+                let r = user_rejection(first, *status, code, description);
+                self.held.insert(first.payload.id.clone(), r);
+                Vec::new()
+            }
+            Verdict::Requeued => Vec::new(),
+        }
+    }
+}
+
+/// One WARN line per user sent without its phone because the phone could not be read.
+fn warn_unreadable_phones(due: &[&ValidUser]) {
+    for u in due {
+        if let Some(phone) = &u.unreadable_phone {
+            tracing::warn!(
+                entity = "user",
+                record_id = %u.payload.id,
+                code = "unreadable_phone",
+                reason = "The phone could not be read as a phone number; the user is sent without one",
+                phone = %phone,
+                "Sending a user without its phone"
+            );
+        }
+    }
+}
+
+/// A user Wazzup refused, as its dead letter keeps it.
+fn user_rejection(u: &ValidUser, status: u16, code: &str, description: &str) -> RemoteRejection {
+    RemoteRejection {
+        entity: Entity::User,
+        record_id: u.payload.id.clone(),
+        code: code.to_string(),
+        message: if description.is_empty() {
+            format!("Wazzup answered HTTP {status} {code}")
+        } else {
+            description.to_string()
+        },
+        http_status: Some(status),
+        payload: serde_json::to_value(&u.payload).unwrap_or_default(),
+        payload_hash: u.hash.clone(),
+    }
+}
