@@ -118,10 +118,11 @@ impl Settings {
         file: Option<&Path>,
         vars: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let vars: config::Map<String, String> = vars
+        let mut vars: config::Map<String, String> = vars
             .into_iter()
             .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
             .collect();
+        read_secret_files(&mut vars)?;
         let mut builder = Config::builder()
             .add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml))
             .add_source(File::new("config/default.toml", FileFormat::Toml).required(false));
@@ -347,6 +348,37 @@ impl Settings {
     }
 }
 
+/// The secret settings, which can also be read from a file named by the same variable with
+/// `_FILE` appended (as Docker and Kubernetes mount secrets).
+pub const SECRET_VARIABLES: [&str; 4] = [
+    "SOURCE__URL",
+    "SOURCE__LISTEN_URL",
+    "STATE__URL",
+    "WAZZUP__TOKEN",
+];
+
+/// Replaces each `<VAR>_FILE` by `<VAR>` holding the file's content, trailing newlines
+/// dropped. Both set, or a file that cannot be read, is an error naming the variables or the
+/// file, never the content.
+fn read_secret_files(vars: &mut config::Map<String, String>) -> Result<(), ConfigError> {
+    for key in SECRET_VARIABLES {
+        let name = format!("{ENV_PREFIX}__{key}");
+        let file_var = format!("{name}_FILE");
+        let Some(path) = vars.remove(&file_var) else {
+            continue;
+        };
+        if vars.contains_key(&name) {
+            return Err(ConfigError(format!(
+                "{name} and {file_var} are both set; set only one of them"
+            )));
+        }
+        let content = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError(format!("{file_var}: cannot read the file {path}: {e}")))?;
+        vars.insert(name, content.trim_end_matches(['\n', '\r']).to_string());
+    }
+    Ok(())
+}
+
 fn bad(key: &str, what: &str) -> ConfigError {
     ConfigError(format!("{ENV_PREFIX}__{key} {what}"))
 }
@@ -556,6 +588,38 @@ mod tests {
         assert!(!dbg.contains("tok-very-secret"));
         assert!(!dbg.contains("hunter2"));
         assert!(s.single_token().is_some());
+    }
+
+    #[test]
+    fn a_secret_can_come_from_a_file_without_its_trailing_newline() {
+        let dir = std::env::temp_dir().join(format!("wzs-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "tok-from-file\n").unwrap();
+        let path = file.to_str().unwrap();
+        let s = Settings::load_from(
+            None,
+            vars(&[
+                ("WAZZUP_SYNC__SOURCE__URL", "postgres://localhost/crm"),
+                ("WAZZUP_SYNC__WAZZUP__TOKEN_FILE", path),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.single_token().unwrap().expose_secret(), "tok-from-file");
+        let e = Settings::load_from(
+            None,
+            vars(&[
+                ("WAZZUP_SYNC__SOURCE__URL", "postgres://localhost/crm"),
+                ("WAZZUP_SYNC__WAZZUP__TOKEN", "x"),
+                ("WAZZUP_SYNC__WAZZUP__TOKEN_FILE", path),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            e.0.contains("WAZZUP_SYNC__WAZZUP__TOKEN and WAZZUP_SYNC__WAZZUP__TOKEN_FILE"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -52,6 +52,19 @@ enum Command {
     /// List, retry or discard the records that were refused.
     #[command(name = "dead-letters", subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// Everything about one user: the CRM rows, what they became and why, the mirror, the dead
+    /// letters, what the next cycle would send; with --remote, what Wazzup holds now. Read-only.
+    Explain {
+        user_id: String,
+        /// The user's account (needed when the id is in several accounts).
+        #[arg(long)]
+        account: Option<String>,
+        /// Also ask Wazzup what it holds for the user now (GET requests only).
+        #[arg(long)]
+        remote: bool,
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -163,6 +176,21 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
             .map(|()| ExitCode::SUCCESS),
         Command::Healthcheck => ops::healthcheck(&settings).await.map(ok),
         Command::Check => commands::check(settings).await.map(ok),
+        Command::Explain {
+            user_id,
+            account,
+            remote,
+            format,
+        } => {
+            let req = commands::explain::Request {
+                user_id,
+                account,
+                remote,
+            };
+            commands::explain::run(settings, req, format == "json")
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
         Command::DeadLetters(cmd) => {
             let (action, account, id) = match cmd {
                 DeadLetterCommand::List {

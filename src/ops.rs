@@ -114,6 +114,30 @@ impl Health {
     }
 }
 
+/// Exports every counter at 0 and the gauges that have a value before the first cycle, so
+/// dashboards and alerts see the series from the start (and `absent()` means the daemon is gone).
+pub fn register_metrics() {
+    for result in ["ok", "partial"] {
+        metrics::counter!("wazzup_sync_cycles_total", "result" => result).increment(0);
+    }
+    for outcome in [
+        "created",
+        "updated",
+        "deleted",
+        "rejected_locally",
+        "rejected_remotely",
+        "deferred",
+    ] {
+        metrics::counter!("wazzup_sync_records_total", "outcome" => outcome).increment(0);
+    }
+    for kind in ["missing", "changed", "settings", "pruned"] {
+        metrics::counter!("wazzup_sync_drift_repaired_total", "kind" => kind).increment(0);
+    }
+    metrics::counter!("wazzup_sync_retries_total").increment(0);
+    metrics::gauge!("wazzup_sync_accounts_auth_failed").set(0.0);
+    metrics::gauge!("wazzup_sync_ready").set(0.0);
+}
+
 /// Installs the Prometheus recorder once per process.
 pub fn install_metrics() -> Option<PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();

@@ -1,5 +1,5 @@
 //! The commands, one file each: `run` (the daemon, with [`listen`] for NOTIFY), `sync` and
-//! `reconcile`, `plan`, `check`, `migrate`, `dead-letters`. `main.rs` only parses the
+//! `reconcile`, `plan`, `check`, `migrate`, `dead-letters`, `explain`. `main.rs` only parses the
 //! command line and calls these.
 
 use std::collections::HashSet;
@@ -9,6 +9,7 @@ use crate::sync::CycleReport;
 
 pub mod check;
 pub mod dead_letters;
+pub mod explain;
 pub mod listen;
 pub mod plan;
 pub mod run;

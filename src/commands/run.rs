@@ -56,13 +56,19 @@ pub async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
 /// Serves `/healthz`, `/readyz` and `/metrics` (unless switched off).
 async fn serve_health(engine: &Engine) -> anyhow::Result<Arc<Health>> {
     let settings = &engine.settings;
+    // The recorder first: gauges set before it would be lost.
+    let metrics = settings
+        .http
+        .enabled
+        .then(crate::ops::install_metrics)
+        .flatten();
+    crate::ops::register_metrics();
     let health = Health::new(
         settings,
         engine.source_target.clone(),
         engine.state_target.clone(),
     );
     if settings.http.enabled {
-        let metrics = crate::ops::install_metrics();
         let addr = crate::ops::serve(&settings.http.listen, health.clone(), metrics)
             .await
             .with_context(|| {

@@ -242,3 +242,26 @@ pub struct ReadSummary {
     /// Accounts skipped because nothing changed, with their number of user rows.
     pub unchanged: Vec<(String, usize)>,
 }
+
+/// The accounts whose users or role rows name this user id (for `explain`).
+pub async fn accounts_of_user(
+    pool: &PgPool,
+    settings: &Settings,
+    user_id: &str,
+) -> Result<Vec<String>, SourceError> {
+    let mut tx = begin_read_only(pool).await?;
+    let sql = format!(
+        "SELECT account_id::text FROM ({}) AS u WHERE id::text = $1
+         UNION SELECT account_id::text FROM ({}) AS r WHERE user_id::text = $1",
+        settings.source.users_query, settings.source.roles_query
+    );
+    let mut ids: Vec<Option<String>> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .persistent(false)
+        .bind(user_id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(in_query(USERS_SHAPE.name))?;
+    tx.rollback().await?;
+    ids.sort();
+    Ok(ids.into_iter().flatten().collect())
+}

@@ -152,3 +152,48 @@ pub async fn delete_mirror(pool: &PgPool, account_id: &str, ids: &[String]) -> R
     .await?;
     Ok(())
 }
+
+/// What the mirror holds for one user (for `explain`).
+#[derive(Debug, Clone, serde::Serialize, sqlx::FromRow)]
+pub struct MirrorEntry {
+    pub hash: String,
+    pub synced_at: chrono::DateTime<chrono::Utc>,
+    pub name: Option<String>,
+    pub phone: Option<String>,
+    pub phone_source: Option<String>,
+}
+
+/// The mirror's row of one user, and whether the user was sent without its answer recorded.
+pub async fn mirror_entry(
+    pool: &PgPool,
+    account_id: &str,
+    user_id: &str,
+) -> Result<(Option<MirrorEntry>, bool)> {
+    let entry: Option<MirrorEntry> = sqlx::query_as(
+        "SELECT hash, synced_at, name, phone, phone_source FROM mirror_users
+         WHERE account_id = $1 AND user_id = $2",
+    )
+    .bind(account_id)
+    .bind(user_id)
+    .fetch_optional(pool)
+    .await?;
+    let pending: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pending_users WHERE account_id = $1 AND user_id = $2)",
+    )
+    .bind(account_id)
+    .bind(user_id)
+    .fetch_one(pool)
+    .await?;
+    Ok((entry, pending))
+}
+
+/// The accounts whose mirror holds this user.
+pub async fn accounts_holding(pool: &PgPool, user_id: &str) -> Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT account_id FROM mirror_users WHERE user_id = $1 ORDER BY account_id",
+    )
+    .bind(user_id)
+    .fetch_all(pool)
+    .await
+    .map_err(Into::into)
+}

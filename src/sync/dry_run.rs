@@ -12,7 +12,7 @@ use crate::state::{self, StateError};
 
 impl Engine {
     /// Plans one account; with `opts.detail`, every record that would change.
-    pub(super) async fn plan_account(
+    pub async fn plan_account(
         &self,
         account: &SourceAccount,
         norm: &Normalized,

@@ -112,6 +112,11 @@ impl Engine {
         )
     }
 
+    /// The region and role map rows are normalized with.
+    pub fn normalize(&self) -> &NormalizeOptions {
+        &self.normalize
+    }
+
     fn stopping(&self) -> bool {
         *self.shutdown.borrow()
     }

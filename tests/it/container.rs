@@ -119,21 +119,25 @@ async fn the_image_syncs_from_environment_variables_alone_reports_healthy_and_st
     args.push(tag);
     ok(&podman(&args));
 
-    let mut synced = false;
+    // Synced, and the account's summary line written (it comes after the settings).
+    let mut log = String::new();
     for _ in 0..150 {
-        if sim.users("tok-1").len() == 42 {
-            synced = true;
+        let logs = podman(&["logs", &name]);
+        log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&logs.stdout),
+            String::from_utf8_lossy(&logs.stderr)
+        );
+        if sim.users("tok-1").len() == 42 && log.contains("\"message\":\"Account synced\"") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let logs = podman(&["logs", &name]);
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&logs.stdout),
-        String::from_utf8_lossy(&logs.stderr)
+    assert_eq!(
+        sim.users("tok-1").len(),
+        42,
+        "the container synced the CRM: {log}"
     );
-    assert!(synced, "the container synced the CRM: {log}");
     assert!(
         log.contains("\"message\":\"Account synced\""),
         "JSON logs: {log}"

@@ -41,7 +41,7 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
         let (status, body) = get(&format!("{base}/metrics")).await.unwrap();
         assert_eq!(status, 200);
         metrics = body;
-        if metrics.contains("wazzup_sync_cycles_total") {
+        if metrics.contains("wazzup_sync_cycle_duration_seconds_count") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -441,7 +441,7 @@ async fn open_dead_letters_are_exported_after_a_restart_even_for_an_unchanged_ac
     );
     let mut child = spawn_bin(&["run"], &env);
     let (_, metrics) = poll(&format!("http://{listen}/metrics"), 30, |s, body| {
-        s == 200 && body.contains("wazzup_sync_cycles_total")
+        s == 200 && body.contains("wazzup_sync_cycle_duration_seconds_count")
     })
     .await
     .expect("metrics");

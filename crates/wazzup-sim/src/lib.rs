@@ -140,8 +140,17 @@ impl Simulator {
         let addr: SocketAddr = listen.parse()?;
         anyhow::ensure!(
             addr.ip().is_loopback(),
-            "The simulator listens on loopback addresses only, not {addr}"
+            "The simulator listens on loopback addresses only, not {addr} (inside a container, --public allows it)"
         );
+        Self::bind(addr, open_registration).await
+    }
+
+    /// Starts on any address: inside a container, so that a published port reaches it.
+    pub async fn start_public(listen: &str, open_registration: bool) -> anyhow::Result<Self> {
+        Self::bind(listen.parse()?, open_registration).await
+    }
+
+    async fn bind(addr: SocketAddr, open_registration: bool) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state: Shared = Arc::new(Mutex::new(SimState {

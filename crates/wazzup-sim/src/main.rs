@@ -27,6 +27,9 @@ enum Command {
         /// Tokens to register (repeatable).
         #[arg(long)]
         token: Vec<String>,
+        /// Allow a non-loopback address (inside a container, to publish the port).
+        #[arg(long)]
+        public: bool,
     },
     /// Seed a sample CRM in a throwaway database and sync it with the real wazzup-sync binary.
     Demo {
@@ -57,7 +60,8 @@ async fn main() -> ExitCode {
             listen,
             strict,
             token,
-        } => serve(&listen, strict, &token).await,
+            public,
+        } => serve(&listen, strict, &token, public).await,
         Command::Demo {
             database_url,
             accounts,
@@ -88,8 +92,12 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(listen: &str, strict: bool, tokens: &[String]) -> anyhow::Result<()> {
-    let sim = Simulator::start(listen, !strict).await?;
+async fn serve(listen: &str, strict: bool, tokens: &[String], public: bool) -> anyhow::Result<()> {
+    let sim = if public {
+        Simulator::start_public(listen, !strict).await?
+    } else {
+        Simulator::start(listen, !strict).await?
+    };
     for t in tokens {
         sim.add_account(t);
     }
