@@ -90,6 +90,7 @@ pub struct SyncSettings {
     pub schedule: String,
     pub delete_missing: bool,
     pub concurrency: usize,
+    pub batches_in_flight: usize,
     pub batch_size: usize,
     pub mass_delete_max_percent: u32,
     pub mass_delete_min: usize,
@@ -246,6 +247,9 @@ impl Settings {
         }
         if s.sync.concurrency == 0 {
             return Err(bad("SYNC__CONCURRENCY", "must be at least 1"));
+        }
+        if s.sync.batches_in_flight == 0 {
+            return Err(bad("SYNC__BATCHES_IN_FLIGHT", "must be at least 1"));
         }
         if s.sync.mass_delete_max_percent > 100 {
             return Err(bad("SYNC__MASS_DELETE_MAX_PERCENT", "must be 0..100"));

@@ -106,7 +106,7 @@ pub fn plan_users<'a>(
 /// so a broken CRM row never silently strips someone's access.
 pub fn settings_doc(
     norm: &Normalized,
-    in_wazzup: &HashSet<String>,
+    in_wazzup: &HashSet<&str>,
     previous: Option<&SettingsDoc>,
     push_events_for_managers: bool,
 ) -> SettingsDoc {
@@ -114,19 +114,20 @@ pub fn settings_doc(
         user_roles: norm
             .roles
             .iter()
-            .filter(|r| in_wazzup.contains(&r.user_id))
+            .filter(|r| in_wazzup.contains(r.user_id.as_str()))
             .cloned()
             .collect(),
         hide_phone_numbers_for_user_ids: norm
             .users
             .iter()
-            .filter(|u| u.hide_phone && in_wazzup.contains(&u.payload.id))
+            .filter(|u| u.hide_phone && in_wazzup.contains(u.payload.id.as_str()))
             .map(|u| u.payload.id.clone())
             .collect(),
         push_input_output_message_events_for_managers: push_events_for_managers,
     };
     if let Some(prev) = previous {
-        let kept = |id: &String| norm.rejected_user_ids.contains(id) && in_wazzup.contains(id);
+        let kept =
+            |id: &String| norm.rejected_user_ids.contains(id) && in_wazzup.contains(id.as_str());
         doc.user_roles
             .extend(prev.user_roles.iter().filter(|r| kept(&r.user_id)).cloned());
         doc.hide_phone_numbers_for_user_ids.extend(
@@ -513,7 +514,7 @@ mod tests {
             hide_phone_numbers_for_user_ids: vec!["4".into()],
             push_input_output_message_events_for_managers: false,
         };
-        let in_wazzup: HashSet<String> = ["1", "2", "4"].iter().map(|s| s.to_string()).collect();
+        let in_wazzup: HashSet<&str> = ["1", "2", "4"].into();
         let doc = settings_doc(&n, &in_wazzup, Some(&previous), true);
         let users: Vec<_> = doc.user_roles.iter().map(|r| r.user_id.as_str()).collect();
         assert_eq!(users, ["1", "2", "4"]);

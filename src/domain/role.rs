@@ -29,7 +29,9 @@ pub struct RoleRefusal {
 /// and is refused as ambiguous, never read as `manager`.
 pub fn read_role(raw: &str, map: &BTreeMap<String, Role>) -> Result<Role, RoleRefusal> {
     let trimmed = raw.trim();
-    if let Some(role) = map.get(&trimmed.to_lowercase()) {
+    if !map.is_empty()
+        && let Some(role) = map.get(&trimmed.to_lowercase())
+    {
         return Ok(*role);
     }
     if let Some(role) = Role::from_api(trimmed) {
@@ -84,7 +86,8 @@ fn role_map_hint(crm: &str, to: &str) -> String {
 
 /// Role rows turned into the document's entries. Each row is checked; then a (user, channel)
 /// given conflicting values is refused, and identical rows are merged. `valid_ids` are the
-/// users that will be sent, `known_ids` every user id the users query returned.
+/// users that will be sent, `known_ids` every user id the users query returned. The entries
+/// come out sorted; each string is copied once, for the entry that keeps it.
 pub(super) fn read_role_rows(
     rows: &[SourceRole],
     map: &BTreeMap<String, Role>,
@@ -92,45 +95,63 @@ pub(super) fn read_role_rows(
     known_ids: &HashSet<&str>,
     rejected: &mut Vec<Rejection>,
 ) -> Vec<RoleEntry> {
-    let mut by_key: BTreeMap<(String, String), Vec<(RoleEntry, &SourceRole)>> = BTreeMap::new();
-    for r in rows {
+    let mut checked: Vec<(Checked<'_>, usize)> = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
         match read_row(r, map, valid_ids, known_ids) {
-            Ok(entry) => by_key
-                .entry((entry.user_id.clone(), entry.channel_id.clone()))
-                .or_default()
-                .push((entry, r)),
+            Ok(row) => checked.push((row, i)),
             Err((code, message)) => rejected.push(refuse_row(r, code, message)),
         }
     }
-    let mut entries = Vec::with_capacity(by_key.len());
-    for ((user_id, channel_id), rows) in by_key {
-        let first = rows[0].0.clone();
-        if rows.iter().all(|(e, _)| *e == first) {
-            entries.push(first);
+    // Stable: the rows of one (user, channel) keep their order in a refusal's payload.
+    checked.sort_by(|(a, _), (b, _)| (a.user_id, a.channel_id).cmp(&(b.user_id, b.channel_id)));
+    let mut entries = Vec::with_capacity(checked.len());
+    for group in
+        checked.chunk_by(|(a, _), (b, _)| a.user_id == b.user_id && a.channel_id == b.channel_id)
+    {
+        let (first, _) = &group[0];
+        if group
+            .iter()
+            .all(|(g, _)| g.role == first.role && g.new_clients == first.new_clients)
+        {
+            entries.push(RoleEntry {
+                user_id: first.user_id.to_string(),
+                channel_id: first.channel_id.to_string(),
+                role: first.role,
+                allow_get_new_clients: first.new_clients,
+            });
             continue;
         }
         rejected.push(Rejection {
             entity: Entity::Settings,
-            record_id: format!("{}/{}", clip(&user_id), clip(&channel_id)),
+            record_id: format!("{}/{}", clip(first.user_id), clip(first.channel_id)),
             code: "duplicate_role",
             message: format!(
                 "The user has {} conflicting role rows for this channel; keep one",
-                rows.len()
+                group.len()
             ),
-            payload: serde_json::Value::Array(rows.iter().map(|(_, r)| row_payload(r)).collect()),
+            payload: serde_json::Value::Array(
+                group.iter().map(|(_, i)| row_payload(&rows[*i])).collect(),
+            ),
         });
     }
-    entries.sort();
     entries
 }
 
-/// One row's entry, or why it is refused.
-fn read_row(
-    r: &SourceRole,
+/// A role row that passed its checks, borrowing the row's strings.
+struct Checked<'r> {
+    user_id: &'r str,
+    channel_id: &'r str,
+    role: Role,
+    new_clients: bool,
+}
+
+/// One row, checked, or why it is refused.
+fn read_row<'r>(
+    r: &'r SourceRole,
     map: &BTreeMap<String, Role>,
     valid_ids: &HashSet<&str>,
     known_ids: &HashSet<&str>,
-) -> Result<RoleEntry, (&'static str, String)> {
+) -> Result<Checked<'r>, (&'static str, String)> {
     let user_id = match r.user_id.as_deref() {
         Some(u) if !u.is_empty() => u,
         _ => return Err(("unknown_user", "The role row has no user_id".into())),
@@ -165,11 +186,11 @@ fn read_row(
             )
         });
     }
-    Ok(RoleEntry {
-        user_id: user_id.to_string(),
-        channel_id: channel_id.to_string(),
+    Ok(Checked {
+        user_id,
+        channel_id,
         role,
-        allow_get_new_clients: r.allow_get_new_clients.unwrap_or(false),
+        new_clients: r.allow_get_new_clients.unwrap_or(false),
     })
 }
 

@@ -39,8 +39,8 @@ pub fn stream_snapshot(
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(ahead.max(1));
     let task = tokio::spawn(async move {
-        let mut a = pool.acquire().await?;
-        let mut b = pool.acquire().await?;
+        let (a, b) = tokio::join!(pool.acquire(), pool.acquire());
+        let (mut a, mut b) = (a?, b?);
         let handover = Handover { only, tx };
         let result = read_rows(&mut a, &mut b, &settings, single, skip, handover).await;
         if result.is_ok() {

@@ -24,7 +24,7 @@ struct AccountRow {
     status: String,
     auth_failed_at: Option<DateTime<Utc>>,
     settings_hash: Option<String>,
-    settings_doc: Option<serde_json::Value>,
+    settings_doc: Option<sqlx::types::Json<SettingsDoc>>,
 }
 
 /// The account's state; its last settings document only when `with_doc` (it can be large).
@@ -48,7 +48,7 @@ pub async fn load_account(pool: &PgPool, account_id: &str, with_doc: bool) -> Re
                 None
             },
             settings_hash: r.settings_hash,
-            settings_doc: r.settings_doc.and_then(|d| serde_json::from_value(d).ok()),
+            settings_doc: r.settings_doc.map(|d| d.0),
         },
     })
 }
@@ -148,16 +148,16 @@ pub async fn mark_auth_failed(
 pub async fn save_settings(
     pool: &PgPool,
     account_id: &str,
-    doc: &SettingsDoc,
+    doc_json: &str,
     hash: &str,
 ) -> Result<()> {
     sqlx::query(
-        "INSERT INTO accounts (account_id, settings_hash, settings_doc) VALUES ($1, $2, $3)
-         ON CONFLICT (account_id) DO UPDATE SET settings_hash = $2, settings_doc = $3",
+        "INSERT INTO accounts (account_id, settings_hash, settings_doc) VALUES ($1, $2, $3::jsonb)
+         ON CONFLICT (account_id) DO UPDATE SET settings_hash = $2, settings_doc = $3::jsonb",
     )
     .bind(account_id)
     .bind(hash)
-    .bind(serde_json::to_value(doc).expect("settings serialize"))
+    .bind(doc_json)
     .execute(pool)
     .await?;
     Ok(())

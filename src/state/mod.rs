@@ -70,13 +70,23 @@ pub fn connect(settings: &Settings) -> std::result::Result<PgPool, sqlx::Error> 
         .connect_lazy_with(connect_options(settings)?))
 }
 
-/// Connections the state pool may open: at least a lock session and a query session per
-/// account in flight, plus two.
+/// Connections the state pool may open: at least a query session per account in flight, plus
+/// one for the cycle. The accounts' advisory locks live on one more session ([`lock_session`]).
 pub fn pool_size(settings: &Settings) -> u32 {
     settings
         .state
         .max_connections
-        .max(2 * settings.sync.concurrency as u32 + 2)
+        .max(settings.sync.concurrency as u32 + 1)
+}
+
+/// A session of its own that holds the advisory locks of the accounts being synced.
+pub async fn lock_session(settings: &Settings) -> Result<sqlx::PgConnection> {
+    let opts = connect_options(settings)?;
+    let timeout = Duration::from_secs(settings.state.connect_timeout_secs);
+    match tokio::time::timeout(timeout, sqlx::ConnectOptions::connect(&opts)).await {
+        Ok(conn) => Ok(conn?),
+        Err(_) => Err(StateError(sqlx::Error::PoolTimedOut)),
+    }
 }
 
 /// Where the state database is, for connection errors.
@@ -95,6 +105,9 @@ pub fn target(settings: &Settings) -> std::result::Result<crate::db::Target, sql
 pub async fn migrate(pool: &PgPool, schema: &str) -> std::result::Result<(), String> {
     let describe = |e: sqlx::Error| crate::db::describe(&e);
     let mut conn = pool.acquire().await.map_err(describe)?;
+    if up_to_date(&mut conn).await {
+        return Ok(());
+    }
     // The schema name was checked to be a plain identifier at start-up.
     sqlx::query(AssertSqlSafe(format!(
         "CREATE SCHEMA IF NOT EXISTS {schema}"
@@ -109,6 +122,20 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> std::result::Result<(), Str
         }
         other => other.to_string(),
     })
+}
+
+/// True when every embedded migration is applied, and nothing else: one query instead of the
+/// migrator's round trips, for the common start of a process.
+async fn up_to_date(conn: &mut sqlx::PgConnection) -> bool {
+    let embedded: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    let applied: std::result::Result<(Vec<i64>, bool), _> = sqlx::query_as(
+        "SELECT coalesce(array_agg(version ORDER BY version) FILTER (WHERE success), '{}'),
+                coalesce(bool_or(NOT success), false)
+         FROM _sqlx_migrations",
+    )
+    .fetch_one(&mut *conn)
+    .await;
+    matches!(applied, Ok((versions, false)) if versions == embedded)
 }
 
 /// True when the state tables exist (a dry run must not create them).

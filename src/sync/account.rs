@@ -32,7 +32,7 @@ impl Job<'_> {
 }
 
 impl Engine {
-    /// Takes the account's advisory lock for the length of its cycle; another replica holding
+    /// Holds the account's advisory lock for the length of its cycle; another replica holding
     /// it means the account is that replica's this time.
     pub(super) async fn sync_account_locked(
         &self,
@@ -43,9 +43,7 @@ impl Engine {
         stats: &RequestStats,
         report: &mut AccountReport,
     ) -> Result<AccountOutcome, StateError> {
-        let schema = &self.settings.state.schema;
-        let mut lock = self.state.acquire().await?;
-        if !state::try_lock_account(&mut lock, schema, &account.account_id).await? {
+        if !self.lock_account(&account.account_id).await? {
             return Ok(AccountOutcome::Locked);
         }
         let api = Account {
@@ -56,13 +54,7 @@ impl Engine {
         let result = self
             .sync_account(account, api, source_fingerprint, norm, opts, report)
             .await;
-        if state::unlock_account(&mut lock, schema, &account.account_id)
-            .await
-            .is_err()
-        {
-            // Closing the session releases the lock for sure.
-            let _ = sqlx::Connection::close(lock.detach()).await;
-        }
+        self.unlock_account(&account.account_id).await;
         result
     }
 

@@ -104,19 +104,11 @@ impl<T> BatchQueue<T> {
         self.full
     }
 
-    /// The next batch, or None when nothing is left to send. Records held after a taken phone
-    /// come back once, after the rest, if anything landed meanwhile.
+    /// The next batch, or None when the queue is empty. Once the account is full, creates
+    /// come back in `full` instead of `send`.
     pub fn next(&mut self, is_create: impl Fn(&T) -> bool) -> Option<Next<T>> {
         loop {
-            let Some(batch) = self.stack.pop() else {
-                if self.held.is_empty() || self.second_round || self.landed == 0 {
-                    return None;
-                }
-                self.second_round = true;
-                let held = std::mem::take(&mut self.held);
-                self.push_all(held);
-                continue;
-            };
+            let batch = self.stack.pop()?;
             let (send, full) = if self.full {
                 batch.into_iter().partition(|r| !is_create(r))
             } else {
@@ -126,6 +118,18 @@ impl<T> BatchQueue<T> {
                 return Some(Next { send, full });
             }
         }
+    }
+
+    /// Once everything else was answered: records held after a taken phone get their one more
+    /// try, if anything landed meanwhile. True when they went back into the queue.
+    pub fn second_round(&mut self) -> bool {
+        if !self.stack.is_empty() || self.held.is_empty() || self.second_round || self.landed == 0 {
+            return false;
+        }
+        self.second_round = true;
+        let held = std::mem::take(&mut self.held);
+        self.push_all(held);
+        true
     }
 
     /// Notes that `n` records of the last batch landed.
@@ -253,7 +257,12 @@ mod tests {
         assert_eq!(q.refused(one, Refusal::PhoneTaken, &[]), Verdict::Held);
         let two = q.next(|_| true).unwrap().send;
         assert_eq!(two, [2]);
+        assert!(
+            q.next(|_| true).is_none(),
+            "held until everything else was answered"
+        );
         q.landed(1);
+        assert!(q.second_round());
         let again = q.next(|_| true).unwrap().send;
         assert_eq!(again, [1], "held record comes back");
         assert_eq!(
@@ -262,6 +271,7 @@ mod tests {
             "only one more try"
         );
         assert!(q.next(|_| true).is_none());
+        assert!(!q.second_round(), "one more try, not two");
     }
 
     #[test]
@@ -270,6 +280,7 @@ mod tests {
         let one = q.next(|_| true).unwrap().send;
         q.refused(one, Refusal::PhoneTaken, &[]);
         assert!(q.next(|_| true).is_none());
+        assert!(!q.second_round());
         assert_eq!(q.take_held(), [1]);
     }
 

@@ -61,7 +61,9 @@ impl Engine {
         // A dry run must work before the state schema exists.
         let mirror_exists =
             !opts.dry_run || state::is_migrated(&self.state, &self.settings.state.schema).await?;
-        let skip = self.skip_unchanged(opts).await?;
+        // The CRM's two reading sessions open while the state is asked what to skip.
+        let (skip, ()) = tokio::join!(self.skip_unchanged(opts), super::warm_up(&self.source, 2));
+        let skip = skip?;
         let progress = CycleProgress::start(skip.to_sync.clone());
         let (rows, reader) = source::stream_snapshot(
             self.source.clone(),
@@ -74,6 +76,7 @@ impl Engine {
         let mut reports = self
             .sync_accounts(rows, opts, mirror_exists, &progress)
             .await;
+        self.release_locks().await;
         progress.stop();
         let summary = reader.await.map_err(|e| {
             SourceError::Database(sqlx::Error::Protocol(format!(

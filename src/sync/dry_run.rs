@@ -55,10 +55,10 @@ impl Engine {
         report.would_delete = p.deletes.len();
         report.deletes_blocked = p.deletes_blocked;
         // Assume every due push lands, to show the settings the cycle would send.
-        let mut in_wazzup: HashSet<String> = mirror.keys().cloned().collect();
-        in_wazzup.extend(p.creates.iter().map(|u| u.payload.id.clone()));
+        let mut in_wazzup: HashSet<&str> = mirror.keys().map(String::as_str).collect();
+        in_wazzup.extend(p.creates.iter().map(|u| u.payload.id.as_str()));
         for d in &p.deletes {
-            in_wazzup.remove(d);
+            in_wazzup.remove(d.as_str());
         }
         let doc = plan::settings_doc(
             norm,

@@ -47,6 +47,8 @@ pub struct Engine {
     pub client: WazzupClient,
     normalize: Arc<NormalizeOptions>,
     shutdown: watch::Receiver<bool>,
+    /// The session holding the advisory locks of the accounts being synced, during a cycle.
+    locks: Arc<tokio::sync::Mutex<Option<sqlx::PgConnection>>>,
 }
 
 /// Why pushing stopped early for an account.
@@ -75,12 +77,29 @@ impl Engine {
             settings: Arc::new(settings),
             normalize: Arc::new(normalize),
             shutdown,
+            locks: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
 
     /// Checks that both databases accept a connection; Err names each one that does not.
+    /// Meanwhile the sessions a command starts with are opened, so that their handshakes
+    /// (TLS ones take a while) overlap the probes' instead of following them.
     pub async fn probe(&self) -> Result<(), crate::db::Unreachable> {
-        crate::db::probe_all(&[&self.source_target, &self.state_target]).await
+        let (source, state) = (self.source.clone(), self.state.clone());
+        let warm = tokio::spawn(async move {
+            tokio::join!(warm_up(&source, 2), warm_up(&state, 1));
+        });
+        let probed = crate::db::probe_all(&[&self.source_target, &self.state_target]).await;
+        match probed {
+            Ok(()) => {
+                let _ = warm.await;
+                Ok(())
+            }
+            Err(e) => {
+                warm.abort();
+                Err(e)
+            }
+        }
     }
 
     /// Says why a cycle failed: a connection failure names the database, its host and port,
@@ -133,6 +152,41 @@ impl Engine {
         })
     }
 
+    /// Takes the account's advisory lock on the lock session (opened on first use). False:
+    /// another process holds it.
+    async fn lock_account(&self, account_id: &str) -> Result<bool, state::StateError> {
+        let mut session = self.locks.lock().await;
+        if session.is_none() {
+            *session = Some(state::lock_session(&self.settings).await?);
+        }
+        let conn = session.as_mut().expect("lock session");
+        let locked = state::try_lock_account(conn, &self.settings.state.schema, account_id).await;
+        if locked.is_err() {
+            // A broken session holds no lock any more; the next account opens a new one.
+            *session = None;
+        }
+        locked
+    }
+
+    async fn unlock_account(&self, account_id: &str) {
+        let mut session = self.locks.lock().await;
+        if let Some(conn) = session.as_mut()
+            && state::unlock_account(conn, &self.settings.state.schema, account_id)
+                .await
+                .is_err()
+        {
+            // Closing the session releases the lock for sure.
+            *session = None;
+        }
+    }
+
+    /// Closes the lock session at the end of a cycle: a quiet daemon holds no state session.
+    async fn release_locks(&self) {
+        if let Some(conn) = self.locks.lock().await.take() {
+            let _ = sqlx::Connection::close(conn).await;
+        }
+    }
+
     /// Sets `wazzup_sync_open_dead_letters` for every account the state knows, from the table:
     /// accounts skipped as unchanged, and those whose last dead letter closed, are exported too.
     pub async fn export_dead_letter_gauges(&self) {
@@ -149,4 +203,10 @@ impl Engine {
             ),
         }
     }
+}
+
+/// Opens `n` sessions of a pool at once and leaves them idle in it, for what comes next.
+async fn warm_up(pool: &PgPool, n: usize) {
+    let sessions = futures::future::join_all((0..n).map(|_| pool.acquire())).await;
+    drop(sessions);
 }

@@ -8,7 +8,7 @@ use wazzup_api::ApiError;
 use super::account::Job;
 use super::report::AccountReport;
 use super::{Engine, Stop};
-use crate::domain::{Entity, SettingsDoc, mask_digits, settings_hash};
+use crate::domain::{Entity, SettingsDoc, content_hash, mask_digits};
 use crate::plan::{self, SETTINGS_RECORD};
 use crate::state::{self, AccountState, RemoteRejection, Resolution, StateError};
 
@@ -24,9 +24,9 @@ impl Engine {
         blocked: bool,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
-        let mut in_wazzup: HashSet<String> = mirror.keys().cloned().collect();
+        let mut in_wazzup: HashSet<&str> = mirror.keys().map(String::as_str).collect();
         for d in deletes {
-            in_wazzup.remove(d);
+            in_wazzup.remove(d.as_str());
         }
         let doc = plan::settings_doc(
             job.norm,
@@ -34,7 +34,9 @@ impl Engine {
             last.settings_doc.as_ref(),
             job.account.push_input_output_message_events_for_managers,
         );
-        let hash = settings_hash(&doc);
+        // Serialized once: hashed, sent and stored as these very bytes.
+        let json = serde_json::to_vec(&doc).expect("settings serialize");
+        let hash = content_hash(&json);
         let due = last.settings_hash.as_deref() != Some(hash.as_str());
         report.settings_changed = due;
         let mut stop = None;
@@ -44,7 +46,7 @@ impl Engine {
             } else if self.stopping() {
                 stop = Some(Stop::Shutdown);
             } else {
-                stop = self.push_settings(job, &doc, &hash, report).await?;
+                stop = self.push_settings(job, &doc, json, &hash, report).await?;
             }
         }
         if !due || report.settings_pushed {
@@ -66,12 +68,14 @@ impl Engine {
         &self,
         job: &Job<'_>,
         doc: &SettingsDoc,
+        json: Vec<u8>,
         hash: &str,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
-        let (status, code, description) = match self.client.patch_settings(&job.api, doc).await {
+        let text = String::from_utf8(json.clone()).expect("JSON is UTF-8");
+        let (status, code, description) = match self.client.patch_settings(&job.api, json).await {
             Ok(()) => {
-                state::save_settings(&self.state, job.id(), doc, hash).await?;
+                state::save_settings(&self.state, job.id(), &text, hash).await?;
                 report.settings_pushed = true;
                 return Ok(None);
             }

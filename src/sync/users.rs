@@ -4,7 +4,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use wazzup_api::{Account, ApiError};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+
+use wazzup_api::{Account, ApiError, UserPayload};
 
 use super::account::Job;
 use super::batch::{BatchQueue, Next, Refusal, Verdict};
@@ -67,8 +70,10 @@ impl Engine {
         Ok(stop)
     }
 
-    /// Sends batch after batch until the queue is empty or something stops the account; then
-    /// the records still held are refused for good.
+    /// Sends the queue's batches, up to `sync.batches_in_flight` at once, until the queue is
+    /// empty or something stops the account; what is in flight then is still answered and
+    /// recorded. The records still held at the end are refused for good. State writes happen
+    /// one at a time, here, so the pending log is written before its request goes out.
     async fn push_users(
         &self,
         acct: &Account<'_>,
@@ -78,30 +83,44 @@ impl Engine {
     ) -> Result<Option<Stop>, StateError> {
         let mut progress = Progress::new(acct.account_id, push.queue.len());
         let is_create = |u: &&ValidUser| !in_mirror.contains(u.payload.id.as_str());
+        let room = self.settings.sync.batches_in_flight.max(1);
+        let mut in_flight = FuturesUnordered::new();
         let mut stop = None;
-        while let Some(Next { send, full }) = push.queue.next(is_create) {
-            if let Some((status, code, description)) = &push.limit {
-                let refused: Vec<_> = full
-                    .iter()
-                    .map(|u| user_rejection(u, *status, code, description))
-                    .collect();
-                self.record_refused(acct.account_id, refused, push, report)
+        loop {
+            while stop.is_none() && in_flight.len() < room {
+                let Some(Next { send, full }) = push.queue.next(is_create) else {
+                    break;
+                };
+                self.refuse_full(acct.account_id, &full, push, report)
                     .await?;
+                if send.is_empty() {
+                    continue;
+                }
+                if self.stopping() {
+                    stop = Some(Stop::Shutdown);
+                    break;
+                }
+                let creating: Vec<String> = send
+                    .iter()
+                    .filter(|u| is_create(u))
+                    .map(|u| u.payload.id.clone())
+                    .collect();
+                state::mark_pending(&self.state, acct.account_id, &creating).await?;
+                in_flight.push(async move {
+                    let payloads: Vec<&UserPayload> = send.iter().map(|u| &u.payload).collect();
+                    let result = self.client.post_users(acct, &payloads).await;
+                    (send, result)
+                });
             }
-            if send.is_empty() {
-                continue;
-            }
-            if self.stopping() {
-                stop = Some(Stop::Shutdown);
+            let Some((batch, result)) = in_flight.next().await else {
+                if stop.is_none() && push.queue.second_round() {
+                    continue;
+                }
                 break;
-            }
-            stop = self
-                .send_batch(acct, send, push, &is_create, report)
-                .await?;
+            };
+            let answered = self.answered(acct, batch, result, push, report).await?;
+            stop = stop.or(answered);
             progress.set(push.acked.len());
-            if stop.is_some() {
-                break;
-            }
         }
         let held: Vec<RemoteRejection> = push
             .queue
@@ -114,23 +133,34 @@ impl Engine {
         Ok(stop)
     }
 
-    /// One `POST /v2/users`: the pending log first, then the answer recorded.
-    async fn send_batch<'u>(
+    /// Creates refused unsent because the account is full, with Wazzup's answer.
+    async fn refuse_full(
+        &self,
+        account_id: &str,
+        full: &[&ValidUser],
+        push: &mut Push<'_>,
+        report: &mut AccountReport,
+    ) -> Result<(), StateError> {
+        let Some((status, code, description)) = push.limit.clone() else {
+            return Ok(());
+        };
+        let refused: Vec<_> = full
+            .iter()
+            .map(|u| user_rejection(u, status, &code, &description))
+            .collect();
+        self.record_refused(account_id, refused, push, report).await
+    }
+
+    /// Records one `POST /v2/users` answer: what landed, what was refused, or why to stop.
+    async fn answered<'u>(
         &self,
         acct: &Account<'_>,
         batch: Vec<&'u ValidUser>,
+        result: Result<Option<u64>, ApiError>,
         push: &mut Push<'u>,
-        is_create: &impl Fn(&&ValidUser) -> bool,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
-        let creating: Vec<String> = batch
-            .iter()
-            .filter(|u| is_create(u))
-            .map(|u| u.payload.id.clone())
-            .collect();
-        state::mark_pending(&self.state, acct.account_id, &creating).await?;
-        let payloads: Vec<_> = batch.iter().map(|u| u.payload.clone()).collect();
-        match self.client.post_users(acct, &payloads).await {
+        match result {
             Ok(processed) => match self.landed(acct, &batch, processed).await {
                 Ok(landed) => {
                     self.record_landed(acct.account_id, &landed, push).await?;
@@ -181,7 +211,7 @@ impl Engine {
         acct: &Account<'_>,
         batch: &[&'u ValidUser],
     ) -> Result<Vec<&'u ValidUser>, ApiError> {
-        let remote: HashMap<String, wazzup_api::UserPayload> = self
+        let remote: HashMap<String, UserPayload> = self
             .client
             .get_all_users(acct)
             .await?

@@ -364,7 +364,14 @@ async fn a_long_cycle_reports_its_progress_every_few_seconds() {
 
     let out = run_bin(
         &["sync"],
-        &env_for(&db, &sim, &[("WAZZUP_SYNC__SYNC__CONCURRENCY", "1")]),
+        &env_for(
+            &db,
+            &sim,
+            &[
+                ("WAZZUP_SYNC__SYNC__CONCURRENCY", "1"),
+                ("WAZZUP_SYNC__SYNC__BATCHES_IN_FLIGHT", "1"),
+            ],
+        ),
     )
     .await;
 

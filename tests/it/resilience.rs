@@ -111,7 +111,15 @@ async fn sigterm_lets_the_request_in_flight_finish_and_records_it() {
     db.add_account("a1", "tok-1").await;
     sim.add_account("tok-1");
     db.add_users("a1", 300).await;
-    let env = env_for(&db, &sim, &[("WAZZUP_SYNC__HTTP__ENABLED", "false")]);
+    // One batch at a time, so that "the second POST" is the only request in flight.
+    let env = env_for(
+        &db,
+        &sim,
+        &[
+            ("WAZZUP_SYNC__HTTP__ENABLED", "false"),
+            ("WAZZUP_SYNC__SYNC__BATCHES_IN_FLIGHT", "1"),
+        ],
+    );
     // The second POST is slow; SIGTERM arrives while it is in flight.
     sim.push_fault(Some("POST"), None, Fault::Delay { ms: 0 });
     sim.push_fault(Some("POST"), None, Fault::Delay { ms: 1500 });
@@ -139,6 +147,30 @@ async fn sigterm_lets_the_request_in_flight_finish_and_records_it() {
     let out = run_bin(&["sync"], &env).await;
     assert!(out.status.success());
     assert_eq!(sim.users("tok-1").len(), 300);
+}
+
+#[tokio::test]
+async fn sigterm_with_several_batches_in_flight_lets_all_of_them_finish_and_starts_none() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.add_users("a1", 600).await;
+    let env = env_for(&db, &sim, &[("WAZZUP_SYNC__HTTP__ENABLED", "false")]);
+    // Every answer takes a second: the first four batches are in flight at the signal.
+    sim.set_latency(1000);
+    let child = spawn_bin(&["run"], &env);
+    sim.signal_at_request(2, child.id().unwrap(), "TERM");
+
+    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("stops within the grace period")
+        .unwrap();
+
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(sim.request_count(), 4, "the four in flight, none after");
+    assert_eq!(sim.users("tok-1").len(), 400, "all four landed");
+    assert_eq!(db.mirror_count("a1").await, 400, "and were recorded");
 }
 
 #[tokio::test]

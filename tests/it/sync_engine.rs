@@ -918,3 +918,36 @@ async fn padded_char_account_ids_are_matched_and_their_changes_seen() {
     assert!(!third.accounts[0].source_unchanged, "the change is seen");
     assert_eq!(sim.users("tok-1")["u1"].name, "One again");
 }
+
+#[tokio::test]
+async fn an_accounts_batches_go_out_together_and_its_settings_wait_for_all_of_them() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.add_users("a1", 400).await;
+    // Every answer takes half a second: only requests sent together overlap.
+    sim.set_latency(500);
+
+    let out = run_bin(&["sync"], &env_for(&db, &sim, &[])).await;
+
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(sim.users("tok-1").len(), 400);
+    assert_eq!(
+        sim.in_flight().peak,
+        4,
+        "four batches of one account at once"
+    );
+    let requests = sim.requests();
+    let posts: Vec<_> = requests.iter().filter(|r| r.method == "POST").collect();
+    let patch = requests
+        .iter()
+        .find(|r| r.method == "PATCH")
+        .expect("settings");
+    assert_eq!(posts.len(), 4);
+    let last_post = posts.iter().filter_map(|r| r.at).max().unwrap();
+    assert!(
+        patch.at.unwrap() >= last_post + std::time::Duration::from_millis(500),
+        "the settings went out only after every batch was answered"
+    );
+}

@@ -40,15 +40,62 @@ struct Args {
     /// Keep the benchmark database afterwards (for profiling a cycle by hand).
     #[arg(long)]
     keep: bool,
+    /// The latency phase: a cold sync with every answer of the simulator delayed this much.
+    #[arg(long, default_value_t = 150)]
+    latency_ms: u64,
+    /// Skip the latency phase.
+    #[arg(long)]
+    no_latency: bool,
+    /// Run the daemon under this command (for profiling), e.g.
+    /// `--wrap "perf record -g -o /tmp/perf.data --"`; CPU and memory then include it.
+    #[arg(long)]
+    wrap: Option<String>,
 }
 
 struct Phase {
     name: &'static str,
-    wall: Duration,
+    run: Run,
     requests: usize,
     floor: Option<usize>,
-    peak_rss_kib: u64,
     users: usize,
+}
+
+/// One measured run of the daemon.
+#[derive(Default, Clone, Copy)]
+struct Run {
+    wall: Duration,
+    /// The daemon's user + system CPU time.
+    cpu: Duration,
+    peak_rss_kib: u64,
+}
+
+/// User + system CPU time of this process's children that have been waited for
+/// (/proc/self/stat: cutime and cstime, in clock ticks).
+fn children_cpu() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // In `rest`, field 3 of stat(5) is at index 0: cutime is field 16, cstime 17.
+    let ticks = |i: usize| {
+        fields
+            .get(i - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Duration::from_secs_f64((ticks(16) + ticks(17)) as f64 / clock_ticks() as f64)
+}
+
+fn clock_ticks() -> u64 {
+    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100)
+    })
 }
 
 fn daemon_path(args: &Args) -> PathBuf {
@@ -58,10 +105,21 @@ fn daemon_path(args: &Args) -> PathBuf {
     })
 }
 
-/// Runs one `wazzup-sync sync`, polling its peak resident memory (VmHWM) while it runs.
-async fn run_daemon(args: &Args, env: &[(String, String)]) -> anyhow::Result<(Duration, u64)> {
+/// Runs one `wazzup-sync sync`, polling its peak resident memory (VmHWM) while it runs, and
+/// measuring its CPU time.
+async fn run_daemon(args: &Args, env: &[(String, String)]) -> anyhow::Result<Run> {
+    let cpu_before = children_cpu();
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(daemon_path(args))
+    let mut command = match &args.wrap {
+        Some(wrap) => {
+            let mut words = wrap.split_whitespace();
+            let mut c = tokio::process::Command::new(words.next().unwrap_or("env"));
+            c.args(words).arg(daemon_path(args));
+            c
+        }
+        None => tokio::process::Command::new(daemon_path(args)),
+    };
+    let mut child = command
         .arg("sync")
         .envs(env.iter().cloned())
         .env("WAZZUP_SYNC__LOG__FORMAT", "json")
@@ -87,11 +145,35 @@ async fn run_daemon(args: &Args, env: &[(String, String)]) -> anyhow::Result<(Du
             status = child.wait() => {
                 let status = status?;
                 anyhow::ensure!(status.success(), "wazzup-sync sync failed: {status}");
-                return Ok((started.elapsed(), peak));
+                return Ok(Run {
+                    wall: started.elapsed(),
+                    cpu: children_cpu().saturating_sub(cpu_before),
+                    peak_rss_kib: peak,
+                });
             }
             _ = tokio::time::sleep(Duration::from_millis(10)) => {}
         }
     }
+}
+
+/// The CRM server's time for the fingerprint queries a cycle starts with (best of 3).
+async fn fingerprint_time(pool: &PgPool) -> anyhow::Result<Duration> {
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let started = Instant::now();
+        for q in [
+            "SELECT * FROM wazzup_users",
+            "SELECT * FROM wazzup_user_roles",
+        ] {
+            sqlx::query(AssertSqlSafe(format!(
+                "SELECT account_id::text, count(*), COALESCE(sum(hashtextextended(q::text, 0)), 0)::text FROM ({q}) AS q GROUP BY 1"
+            )))
+            .fetch_all(pool)
+            .await?;
+        }
+        best = best.min(started.elapsed());
+    }
+    Ok(best)
 }
 
 /// The time PostgreSQL takes to hand the three queries' rows to a client (COPY ... TO STDOUT).
@@ -256,40 +338,37 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     let mut phases = Vec::new();
 
     eprintln!("Cold sync...");
-    let (wall, rss) = run_daemon(args, &env).await?;
-    let requests = sim.request_count();
+    let run = run_daemon(args, &env).await?;
     let cold_floor = args.accounts * (args.users.div_ceil(100) + 1);
     phases.push(Phase {
         name: "cold sync",
-        wall,
-        requests,
+        run,
+        requests: sim.request_count(),
         floor: Some(cold_floor),
-        peak_rss_kib: rss,
         users: total,
     });
 
     eprintln!("No-change cycle...");
     sim.clear_requests();
-    let (wall, rss) = run_daemon(args, &env).await?;
+    let run = run_daemon(args, &env).await?;
     phases.push(Phase {
         name: "no-change cycle",
-        wall,
+        run,
         requests: sim.request_count(),
         floor: Some(0),
-        peak_rss_kib: rss,
         users: total,
     });
+    let fingerprints = fingerprint_time(&pool).await?;
 
     eprintln!("1 % change cycle...");
     let floor = change_one_percent(&pool, args).await?;
     sim.clear_requests();
-    let (wall, rss) = run_daemon(args, &env).await?;
+    let run = run_daemon(args, &env).await?;
     phases.push(Phase {
         name: "1 % change cycle",
-        wall,
+        run,
         requests: sim.request_count(),
         floor: Some(floor),
-        peak_rss_kib: rss,
         users: total,
     });
 
@@ -300,51 +379,33 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     }
     phases.push(Phase {
         name: "raw read floor (COPY)",
-        wall: floor_wall,
+        run: Run {
+            wall: floor_wall,
+            ..Default::default()
+        },
         requests: 0,
         floor: None,
-        peak_rss_kib: 0,
         users: total,
     });
+    let latency = if args.no_latency {
+        String::new()
+    } else {
+        latency_phase(args, &env).await?
+    };
     pool.close().await;
 
-    let no_change = phases[1].wall.as_secs_f64();
-    let mut table = String::new();
-    table.push_str("| phase | wall | users/s | requests | request floor | daemon peak RSS |\n|---|---:|---:|---:|---:|---:|\n");
-    for p in &phases {
-        table.push_str(&format!(
-            "| {} | {:.2} s | {} | {} | {} | {} |\n",
-            p.name,
-            p.wall.as_secs_f64(),
-            if p.name == "cold sync" {
-                format!("{:.0}", p.users as f64 / p.wall.as_secs_f64())
-            } else {
-                "".into()
-            },
-            if p.floor.is_some() {
-                p.requests.to_string()
-            } else {
-                "".into()
-            },
-            p.floor.map(|f| f.to_string()).unwrap_or_default(),
-            if p.peak_rss_kib > 0 {
-                format!("{:.1} MiB", p.peak_rss_kib as f64 / 1024.0)
-            } else {
-                "".into()
-            },
-        ));
-    }
-    let ratio = no_change / floor_wall.as_secs_f64();
+    let ratio = phases[1].run.wall.as_secs_f64() / floor_wall.as_secs_f64();
     let report = format!(
-        "## {} accounts x {} users x {} channels ({} users)\n\nRun {} on {}.\n\n{}\nNo-change cycle / raw read floor: {:.2}x.\n\n",
+        "## {} accounts x {} users x {} channels ({} users)\n\nRun {} on {}.\n\n{}\nNo-change cycle / raw read floor: {:.2}x. The CRM server's time for the fingerprint queries of a cycle: {:.2} s.\n\n{latency}",
         args.accounts,
         args.users,
         args.channels,
         total,
         chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         machine(),
-        table,
-        ratio
+        table(&phases),
+        ratio,
+        fingerprints.as_secs_f64()
     );
     println!("{report}");
     if let Some(dir) = args.out.parent() {
@@ -356,4 +417,69 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
         .open(&args.out)?;
     f.write_all(report.as_bytes())?;
     Ok(())
+}
+
+/// The phases as a Markdown table: wall, daemon CPU, CPU per user, requests, memory.
+fn table(phases: &[Phase]) -> String {
+    let mut t = String::from(
+        "| phase | wall | daemon CPU (user+sys) | CPU per user | users/s | requests | request floor | daemon peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for p in phases {
+        let measured = p.floor.is_some();
+        let cell = |show: bool, v: String| if show { v } else { String::new() };
+        t.push_str(&format!(
+            "| {} | {:.2} s | {} | {} | {} | {} | {} | {} |\n",
+            p.name,
+            p.run.wall.as_secs_f64(),
+            cell(measured, format!("{:.2} s", p.run.cpu.as_secs_f64())),
+            cell(
+                measured,
+                format!(
+                    "{:.1} µs",
+                    p.run.cpu.as_secs_f64() * 1e6 / p.users.max(1) as f64
+                )
+            ),
+            cell(
+                p.name == "cold sync",
+                format!("{:.0}", p.users as f64 / p.run.wall.as_secs_f64())
+            ),
+            cell(measured, p.requests.to_string()),
+            p.floor.map(|f| f.to_string()).unwrap_or_default(),
+            cell(
+                p.run.peak_rss_kib > 0,
+                format!("{:.1} MiB", p.run.peak_rss_kib as f64 / 1024.0)
+            ),
+        ));
+    }
+    t
+}
+
+/// A cold sync into a simulator that delays every answer, as the real API across the
+/// internet does: wall time and the requests in flight (default settings, a state schema of
+/// its own).
+async fn latency_phase(args: &Args, env: &[(String, String)]) -> anyhow::Result<String> {
+    eprintln!("Cold sync with {} ms of API latency...", args.latency_ms);
+    let sim = Simulator::start("127.0.0.1:0", true).await?;
+    sim.set_latency(args.latency_ms);
+    let mut env: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k != "WAZZUP_SYNC__WAZZUP__BASE_URL")
+        .cloned()
+        .collect();
+    env.push(("WAZZUP_SYNC__WAZZUP__BASE_URL".into(), sim.url()));
+    env.push((
+        "WAZZUP_SYNC__STATE__SCHEMA".into(),
+        "wazzup_sync_latency".into(),
+    ));
+    let run = run_daemon(args, &env).await?;
+    let flight = sim.in_flight();
+    Ok(format!(
+        "Cold sync with {} ms of API latency (after the 1 % change: {} requests): {:.2} s wall, {:.2} s daemon CPU; requests in flight: peak {}, mean {:.1}.\n\n",
+        args.latency_ms,
+        sim.request_count(),
+        run.wall.as_secs_f64(),
+        run.cpu.as_secs_f64(),
+        flight.peak,
+        flight.mean
+    ))
 }

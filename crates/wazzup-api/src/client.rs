@@ -2,14 +2,15 @@
 //! classifies the answer and retries transient faults; an [`Observer`] hears every request and
 //! retry (the daemon turns them into metrics and log lines).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use backon::Retryable;
 use rand::Rng;
 use reqwest::Method;
 use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::classify::classify;
@@ -93,7 +94,10 @@ impl Request<'_> {
 /// The API client.
 #[derive(Clone)]
 pub struct WazzupClient {
-    http: reqwest::Client,
+    /// Built at the first request: loading the TLS roots costs start-up time that a cycle
+    /// with nothing to send never needs.
+    http: Arc<OnceLock<reqwest::Client>>,
+    config: Arc<ClientConfig>,
     base: reqwest::Url,
     limiter: Arc<TokenLimiter>,
     retry: RetryPolicy,
@@ -110,68 +114,98 @@ impl std::fmt::Debug for WazzupClient {
 
 impl WazzupClient {
     pub fn new(config: ClientConfig, observer: Arc<dyn Observer>) -> reqwest::Result<Self> {
-        let http = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
-            .user_agent(config.user_agent)
-            .https_only(config.https_only)
-            .build()?;
         Ok(Self {
-            http,
-            base: config.base_url,
+            http: Arc::new(OnceLock::new()),
+            base: config.base_url.clone(),
             limiter: Arc::new(TokenLimiter::new(config.rate_per_second)),
-            retry: config.retry,
+            retry: config.retry.clone(),
+            config: Arc::new(config),
             observer,
         })
     }
 
-    /// `POST /v2/users`: returns `processed`, when the answer says.
-    pub async fn post_users(
+    /// The HTTP client, built on first use.
+    fn http(&self) -> Result<&reqwest::Client, ApiError> {
+        if let Some(http) = self.http.get() {
+            return Ok(http);
+        }
+        let c = &self.config;
+        let http = reqwest::Client::builder()
+            .timeout(c.timeout)
+            .connect_timeout(c.timeout.min(Duration::from_secs(10)))
+            .user_agent(c.user_agent.clone())
+            .https_only(c.https_only)
+            .build()
+            .map_err(|e| transient(format!("could not build the HTTP client: {e}")))?;
+        Ok(self.http.get_or_init(|| http))
+    }
+
+    /// `POST /v2/users`: returns `processed`, when the answer says. The body is serialized
+    /// once, straight from the payloads.
+    pub async fn post_users<U: Serialize>(
         &self,
         acct: &Account<'_>,
-        users: &[UserPayload],
+        users: &[U],
     ) -> Result<Option<u64>, ApiError> {
-        let body = serde_json::to_vec(&serde_json::json!({ "users": users })).expect("JSON");
-        let v = self
+        #[derive(Serialize)]
+        struct Body<'a, U> {
+            users: &'a [U],
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            data: Option<Processed>,
+        }
+        #[derive(Deserialize)]
+        struct Processed {
+            processed: Option<u64>,
+        }
+        let body = serde_json::to_vec(&Body { users }).expect("JSON");
+        let answer = self
             .call(acct, Method::POST, "/v2/users", &[], Some(body))
             .await?;
-        Ok(v.get("data")
-            .and_then(|d| d.get("processed"))
-            .and_then(Value::as_u64))
+        // An answer without `processed` (or an empty one) says nothing about how many landed.
+        Ok(serde_json::from_slice::<Answer>(&answer)
+            .ok()
+            .and_then(|a| a.data)
+            .and_then(|d| d.processed))
     }
 
     /// `DELETE /v2/users`.
     pub async fn delete_users(&self, acct: &Account<'_>, ids: &[String]) -> Result<(), ApiError> {
-        let body = serde_json::to_vec(&serde_json::json!({ "user_ids": ids })).expect("JSON");
+        #[derive(Serialize)]
+        struct Body<'a> {
+            user_ids: &'a [String],
+        }
+        let body = serde_json::to_vec(&Body { user_ids: ids }).expect("JSON");
         self.call(acct, Method::DELETE, "/v2/users", &[], Some(body))
             .await
             .map(|_| ())
     }
 
-    /// `PATCH /v2/settings` with the whole document.
+    /// `PATCH /v2/settings` with the whole document, already serialized (the caller hashes
+    /// the same bytes). The answer's body is not read.
     pub async fn patch_settings(
         &self,
         acct: &Account<'_>,
-        doc: &SettingsDoc,
+        doc_json: Vec<u8>,
     ) -> Result<(), ApiError> {
-        let body = serde_json::to_vec(doc).expect("settings serialize");
-        self.call(acct, Method::PATCH, "/v2/settings", &[], Some(body))
+        self.call(acct, Method::PATCH, "/v2/settings", &[], Some(doc_json))
             .await
             .map(|_| ())
     }
 
     /// `GET /v2/settings` (the document, bare or wrapped in `data`).
     pub async fn get_settings(&self, acct: &Account<'_>) -> Result<SettingsDoc, ApiError> {
-        let v = self
+        #[derive(Deserialize)]
+        struct Wrapped {
+            data: SettingsDoc,
+        }
+        let body = self
             .call(acct, Method::GET, "/v2/settings", &[], None)
             .await?;
-        let v = match v {
-            Value::Object(ref o) if o.contains_key("data") && !o.contains_key("user_roles") => {
-                o["data"].clone()
-            }
-            other => other,
-        };
-        serde_json::from_value(v).map_err(|_| unexpected("GET /v2/settings"))
+        serde_json::from_slice::<SettingsDoc>(&body)
+            .or_else(|_| serde_json::from_slice::<Wrapped>(&body).map(|w| w.data))
+            .map_err(|_| unexpected("GET /v2/settings"))
     }
 
     /// `GET /v2/users`, one page.
@@ -181,12 +215,21 @@ impl WazzupClient {
         offset: usize,
         limit: usize,
     ) -> Result<Vec<UserPayload>, ApiError> {
+        #[derive(Deserialize)]
+        struct Page {
+            #[serde(default)]
+            data: Option<Vec<UserPayload>>,
+        }
         let query = [("offset", offset.to_string()), ("limit", limit.to_string())];
-        let v = self
+        let body = self
             .call(acct, Method::GET, "/v2/users", &query, None)
             .await?;
-        let data = v.get("data").cloned().unwrap_or(Value::Array(vec![]));
-        serde_json::from_value(data).map_err(|_| unexpected("GET /v2/users"))
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Vec::new());
+        }
+        serde_json::from_slice::<Page>(&body)
+            .map(|p| p.data.unwrap_or_default())
+            .map_err(|_| unexpected("GET /v2/users"))
     }
 
     /// `GET /v2/users/{id}`: the user, when Wazzup holds it.
@@ -196,7 +239,12 @@ impl WazzupClient {
         id: &str,
     ) -> Result<Option<UserPayload>, ApiError> {
         let path = format!("/v2/users/{}", percent_encode(id));
-        let v = self.call(acct, Method::GET, &path, &[], None).await?;
+        let body = self.call(acct, Method::GET, &path, &[], None).await?;
+        let v: Value = if body.iter().all(u8::is_ascii_whitespace) {
+            Value::Null
+        } else {
+            serde_json::from_slice(&body).map_err(|_| unexpected("GET /v2/users/{id}"))?
+        };
         let users: Vec<UserPayload> = match v.get("data") {
             Some(Value::Array(_)) => serde_json::from_value(v["data"].clone()),
             Some(one @ Value::Object(_)) => serde_json::from_value(one.clone()).map(|u| vec![u]),
@@ -232,7 +280,7 @@ impl WazzupClient {
         path: &str,
         query: &[(&str, String)],
         body: Option<Vec<u8>>,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Vec<u8>, ApiError> {
         let request = Request {
             method,
             path,
@@ -258,13 +306,13 @@ impl WazzupClient {
         acct: &Account<'_>,
         key: &String,
         r: &Request<'_>,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<Vec<u8>, ApiError> {
         self.limiter.wait_turn(key).await;
         acct.stats.requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
         let url = format!("{}{}", self.base.as_str().trim_end_matches('/'), r.path);
         let mut req = self
-            .http
+            .http()?
             .request(r.method.clone(), &url)
             .bearer_auth(acct.token.expose_secret())
             .header(reqwest::header::ACCEPT, "application/json");
@@ -290,8 +338,8 @@ impl WazzupClient {
     }
 }
 
-/// Reads an answer to its end and classifies it.
-async fn answer(sent: reqwest::Result<reqwest::Response>) -> Result<Value, ApiError> {
+/// Reads an answer to its end and classifies it; a success gives its body.
+async fn answer(sent: reqwest::Result<reqwest::Response>) -> Result<Vec<u8>, ApiError> {
     let resp = sent.map_err(|e| transient(describe_reqwest_error(&e)))?;
     let status = resp.status().as_u16();
     let retry_after = resp
@@ -300,7 +348,7 @@ async fn answer(sent: reqwest::Result<reqwest::Response>) -> Result<Value, ApiEr
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     match resp.bytes().await {
-        Ok(bytes) => classify(status, retry_after.as_deref(), &bytes),
+        Ok(bytes) => classify(status, retry_after.as_deref(), &bytes).map(|()| bytes.to_vec()),
         Err(e) => Err(transient(format!(
             "HTTP {status}, body cut off: {}",
             describe_reqwest_error(&e)

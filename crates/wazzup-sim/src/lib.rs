@@ -123,6 +123,27 @@ struct SimState {
     /// Send this signal to this process when the n-th request arrives (before answering it).
     signal_at: Option<(usize, u32, &'static str)>,
     rng: Option<rand::rngs::StdRng>,
+    concurrency: Concurrency,
+}
+
+/// How many requests were being answered at once.
+#[derive(Debug, Default, Clone)]
+struct Concurrency {
+    now: usize,
+    peak: usize,
+    /// Sum of every request's time in the server.
+    busy: Duration,
+    first: Option<std::time::Instant>,
+    last: Option<std::time::Instant>,
+}
+
+/// Requests answered at once since the requests were last cleared.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct InFlight {
+    pub peak: usize,
+    /// The time-weighted mean: the requests' summed time over the time from the first request's
+    /// arrival to the last answer.
+    pub mean: f64,
 }
 
 type Shared = Arc<Mutex<SimState>>;
@@ -243,7 +264,26 @@ impl Simulator {
     }
 
     pub fn clear_requests(&self) {
-        self.lock().requests.clear();
+        let mut s = self.lock();
+        s.requests.clear();
+        s.concurrency = Concurrency::default();
+    }
+
+    /// Requests answered at once since the requests were last cleared.
+    pub fn in_flight(&self) -> InFlight {
+        let c = self.lock().concurrency.clone();
+        let span = match (c.first, c.last) {
+            (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+            _ => 0.0,
+        };
+        InFlight {
+            peak: c.peak,
+            mean: if span > 0.0 {
+                c.busy.as_secs_f64() / span
+            } else {
+                0.0
+            },
+        }
     }
 
     /// Queues a fault for the next request matching `method` and `path` (None: any).
@@ -311,6 +351,29 @@ impl Simulator {
     }
 }
 
+/// Counts the requests being answered, around every handler.
+async fn count_in_flight(
+    State(state): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let started = std::time::Instant::now();
+    {
+        let mut s = state.lock().expect("simulator state");
+        let c = &mut s.concurrency;
+        c.now += 1;
+        c.peak = c.peak.max(c.now);
+        c.first.get_or_insert(started);
+    }
+    let resp = next.run(req).await;
+    let mut s = state.lock().expect("simulator state");
+    let c = &mut s.concurrency;
+    c.now -= 1;
+    c.busy += started.elapsed();
+    c.last = Some(std::time::Instant::now());
+    resp
+}
+
 fn router(state: Shared) -> Router {
     Router::new()
         .route(
@@ -325,6 +388,10 @@ fn router(state: Shared) -> Router {
         .route("/_sim/state", get(sim_state))
         .route("/_sim/requests", get(sim_requests))
         .route("/_sim/faults", post(sim_faults))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_in_flight,
+        ))
         .with_state(state)
 }
 

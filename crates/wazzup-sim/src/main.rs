@@ -30,6 +30,9 @@ enum Command {
         /// Allow a non-loopback address (inside a container, to publish the port).
         #[arg(long)]
         public: bool,
+        /// Delay every answer by this many milliseconds (requests are answered concurrently).
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
     },
     /// Seed a sample CRM in a throwaway database and sync it with the real wazzup-sync binary.
     Demo {
@@ -61,7 +64,8 @@ async fn main() -> ExitCode {
             strict,
             token,
             public,
-        } => serve(&listen, strict, &token, public).await,
+            latency_ms,
+        } => serve(&listen, strict, &token, public, latency_ms).await,
         Command::Demo {
             database_url,
             accounts,
@@ -92,7 +96,13 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(listen: &str, strict: bool, tokens: &[String], public: bool) -> anyhow::Result<()> {
+async fn serve(
+    listen: &str,
+    strict: bool,
+    tokens: &[String],
+    public: bool,
+    latency_ms: u64,
+) -> anyhow::Result<()> {
     let sim = if public {
         Simulator::start_public(listen, !strict).await?
     } else {
@@ -101,6 +111,7 @@ async fn serve(listen: &str, strict: bool, tokens: &[String], public: bool) -> a
     for t in tokens {
         sim.add_account(t);
     }
+    sim.set_latency(latency_ms);
     println!("Wazzup simulator listening on {}", sim.url());
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
