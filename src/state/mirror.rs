@@ -30,16 +30,20 @@ pub async fn load_mirrored_users(
             .bind(account_id)
             .fetch_all(pool)
             .await;
+    Ok(not_migrated_yet(rows)?
+        .into_iter()
+        .map(|(id, name, phone)| (id, LastPushed { name, phone }))
+        .collect())
+}
+
+/// A dry run may read a schema not yet migrated this far: a missing table or column means
+/// nothing is known yet.
+fn not_migrated_yet<T>(rows: std::result::Result<Vec<T>, sqlx::Error>) -> Result<Vec<T>> {
     match rows {
-        Ok(rows) => Ok(rows
-            .into_iter()
-            .map(|(id, name, phone)| (id, LastPushed { name, phone }))
-            .collect()),
-        // A schema not yet migrated this far: nothing known.
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42703") => {
-            Ok(Default::default())
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42703" | "42P01")) => {
+            Ok(Vec::new())
         }
-        Err(e) => Err(e.into()),
+        other => Ok(other?),
     }
 }
 
@@ -67,14 +71,7 @@ pub async fn load_pending(pool: &PgPool, account_id: &str) -> Result<HashSet<Str
             .bind(account_id)
             .fetch_all(pool)
             .await;
-    match ids {
-        Ok(ids) => Ok(ids.into_iter().collect()),
-        // A dry run against a schema not yet migrated this far: nothing is pending.
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => {
-            Ok(Default::default())
-        }
-        Err(e) => Err(e.into()),
-    }
+    Ok(not_migrated_yet(ids)?.into_iter().collect())
 }
 
 /// The phones read in earlier cycles, for normalization to reuse.
@@ -87,17 +84,10 @@ pub async fn load_phone_cache(pool: &PgPool, account_id: &str) -> Result<PhoneCa
     .bind(account_id)
     .fetch_all(pool)
     .await;
-    match rows {
-        Ok(rows) => Ok(rows
-            .into_iter()
-            .map(|(id, source, phone, valid)| (id, (source, phone, valid.unwrap_or(false))))
-            .collect()),
-        // A dry run against a schema not yet migrated this far: nothing cached.
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42703") => {
-            Ok(Default::default())
-        }
-        Err(e) => Err(e.into()),
-    }
+    Ok(not_migrated_yet(rows)?
+        .into_iter()
+        .map(|(id, source, phone, valid)| (id, (source, phone, valid.unwrap_or(false))))
+        .collect())
 }
 
 /// Records users Wazzup acknowledged, in one statement.
