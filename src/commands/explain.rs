@@ -13,6 +13,7 @@ use wazzup_api::{Account, RequestStats, UserPayload};
 use crate::config::Settings;
 use crate::domain::{
     Entity, RoleEntry, SourceRole, SourceUser, mask_phone, mask_raw_phone, normalize_account,
+    read_role,
 };
 use crate::plan::{Change, PlanRecord};
 use crate::source::{self, AccountRows, SkipUnchanged, SourceAccount};
@@ -188,10 +189,17 @@ async fn explain(
         pending: false,
         settings_last_pushed: Vec::new(),
         dead_letters: Vec::new(),
+        // What would be sent; refusals and unreadable phones are said above, not sent.
         next_cycle: report
             .records
             .into_iter()
             .filter(|r| r.user_id == *user)
+            .filter(|r| {
+                !matches!(
+                    r.change,
+                    Change::Refused { .. } | Change::UnreadablePhone { .. }
+                )
+            })
             .collect(),
         remote: None,
     };
@@ -306,7 +314,9 @@ fn describe_user(
     e.sent_as = Some(sent);
 }
 
-/// Each of the user's role rows and what it became, with the rule that decided.
+/// Each of the user's role rows and what it became, with the rule that decided. A refusal of
+/// the row's own value is the row's; one about its (user, channel) record (a conflict, a refused
+/// user, a bad channel) is every such row's.
 fn role_rows(
     engine: &Engine,
     rows: &[SourceRole],
@@ -319,15 +329,20 @@ fn role_rows(
         .map(|r| {
             let record = format!("{user}/{}", r.channel_id.as_deref().unwrap_or("").trim());
             let raw = r.role.as_deref().unwrap_or("").trim();
-            let (became, because) = match refused.iter().find(|f| f.record_id == record) {
-                Some(f) => ("refused".to_string(), format!("{}: {}", f.code, f.reason)),
-                None => match map.get(&raw.to_lowercase()) {
-                    Some(role) => (
-                        role.as_str().to_string(),
-                        format!("source.role_map entry {:?}", raw.to_lowercase()),
-                    ),
-                    None => (raw.to_string(), "the exact API value".to_string()),
-                },
+            let of_record = refused.iter().find(|f| {
+                f.record_id == record && !matches!(f.code, "unknown_role" | "ambiguous_role")
+            });
+            let (became, because) = match (read_role(raw, map), of_record) {
+                (Err(refusal), _) => (
+                    "refused".to_string(),
+                    format!("{}: {}", refusal.code, refusal.message),
+                ),
+                (Ok(_), Some(f)) => ("refused".to_string(), format!("{}: {}", f.code, f.reason)),
+                (Ok(role), None) if map.contains_key(&raw.to_lowercase()) => (
+                    role.as_str().to_string(),
+                    format!("source.role_map entry {:?}", raw.to_lowercase()),
+                ),
+                (Ok(role), None) => (role.as_str().to_string(), "the exact API value".into()),
             };
             RoleRow {
                 channel_id: r.channel_id.clone(),

@@ -38,6 +38,8 @@ async fn explain_tells_one_users_whole_story_and_changes_nothing() {
     db.add_users("a1", 3).await;
     db.add_user("a1", "blank", "   ", None).await;
     db.add_role("a1", "u1", "ch-2", "Manager", false).await;
+    // A second row for a channel that already has a valid one: only this row is refused.
+    db.add_role("a1", "u2", "ch-1", "Boss", false).await;
     let env = env_for(&db, &sim, &[]);
     let out = run_bin(&["sync"], &env).await;
     assert!(out.status.success(), "{}", text(&out));
@@ -63,8 +65,21 @@ async fn explain_tells_one_users_whole_story_and_changes_nothing() {
         "{}",
         e["why"]
     );
-    assert_eq!(e["role_rows"][0]["became"], "seller");
-    assert_eq!(e["role_rows"][0]["because"], "the exact API value");
+    let rows = e["role_rows"].as_array().unwrap();
+    let row = |role: &str| {
+        rows.iter()
+            .find(|r| r["crm_role"] == role)
+            .unwrap_or_else(|| panic!("no {role} row in {rows:?}"))
+    };
+    assert_eq!(row("seller")["became"], "seller");
+    assert_eq!(row("seller")["because"], "the exact API value");
+    assert_eq!(row("Boss")["became"], "refused");
+    assert!(
+        row("Boss")["because"]
+            .as_str()
+            .unwrap()
+            .starts_with("unknown_role")
+    );
     assert!(e["mirror"]["hash"].is_string() && e["mirror"]["synced_at"].is_string());
     assert_eq!(e["next_cycle"], serde_json::json!([]));
     assert_eq!(e["settings_last_pushed"][0]["role"], "seller");
