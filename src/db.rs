@@ -207,7 +207,19 @@ pub fn classify(e: &sqlx::Error) -> Cause {
             _ => Cause::Other(d.message().to_string()),
         },
         sqlx::Error::PoolTimedOut => Cause::Other("timed out waiting for a connection".into()),
+        sqlx::Error::Protocol(m) => Cause::Other(format!(
+            "what answers there does not speak PostgreSQL's protocol ({})",
+            without_source_location(m)
+        )),
         other => Cause::Other(describe(other)),
+    }
+}
+
+/// sqlx appends where in its own source an error was raised: `… (sqlx_postgres::x:95)`.
+fn without_source_location(m: &str) -> &str {
+    match m.rfind(" (sqlx") {
+        Some(i) if m.ends_with(')') => &m[..i],
+        _ => m,
     }
 }
 
@@ -228,6 +240,7 @@ pub fn describe(e: &sqlx::Error) -> String {
         sqlx::Error::Io(io) => one_line(&io.to_string()),
         sqlx::Error::Tls(t) => format!("TLS failed: {}", one_line(&t.to_string())),
         sqlx::Error::PoolTimedOut => "timed out waiting for a connection".into(),
+        sqlx::Error::Protocol(m) => one_line(without_source_location(m)),
         other => one_line(&other.to_string()),
     }
 }
@@ -260,6 +273,17 @@ mod tests {
         assert!(
             line.contains("WAZZUP_SYNC__STATE__CONNECT_TIMEOUT_SECS"),
             "{line}"
+        );
+    }
+
+    #[test]
+    fn a_server_that_is_not_postgresql_is_said_so_without_sqlx_source_lines() {
+        let e = sqlx::Error::Protocol(
+            "unexpected response from SSLRequest: 0x48 (sqlx_postgres::connection::tls:95)".into(),
+        );
+        assert_eq!(
+            classify(&e).to_string(),
+            "what answers there does not speak PostgreSQL's protocol (unexpected response from SSLRequest: 0x48)"
         );
     }
 

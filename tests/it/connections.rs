@@ -203,3 +203,25 @@ async fn run_waits_for_a_database_that_is_down_at_start_and_syncs_once_it_is_up(
     );
     assert!(log.contains("The state database answers again"), "{log}");
 }
+
+#[tokio::test]
+async fn a_port_where_something_else_answers_is_said_plainly() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    // The simulator speaks HTTP, not PostgreSQL.
+    let url = format!("postgres://postgres@{}/crm", sim.addr());
+    let env = env_for(&db, &sim, &[("WAZZUP_SYNC__STATE__URL", &url)]);
+
+    let out = run_bin(&["sync"], &env).await;
+
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        stderr.contains(&format!(
+            "Cannot connect to the state database at {}: what answers there does not speak PostgreSQL's protocol",
+            sim.addr()
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("(sqlx"), "{stderr}");
+}
