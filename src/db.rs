@@ -122,18 +122,17 @@ impl Target {
     /// Says why an operation on this database failed: a connection failure is named with its
     /// cause (a pool that timed out is asked again with one probe); anything else is described.
     pub async fn explain(&self, e: &sqlx::Error) -> String {
-        match e {
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
-                match self.probe().await {
-                    Err(c) => c.to_string(),
-                    Ok(()) => format!("The {} database: {}", self.which, describe(e)),
-                }
-            }
-            sqlx::Error::Database(d) if is_login_error(d.code().as_deref()) => {
-                self.error(classify(e)).to_string()
-            }
-            _ => format!("The {} database: {}", self.which, describe(e)),
+        if let sqlx::Error::Database(_) = e
+            && is_connection_error(e)
+        {
+            return self.error(classify(e)).to_string();
         }
+        if is_connection_error(e)
+            && let Err(c) = self.probe().await
+        {
+            return c.to_string();
+        }
+        format!("The {} database: {}", self.which, describe(e))
     }
 
     fn error(&self, cause: Cause) -> ConnectError {

@@ -2,8 +2,6 @@
 //! `reconcile`, `plan`, `check`, `migrate`, `dead-letters`, `explain`. `main.rs` only parses the
 //! command line and calls these.
 
-use std::collections::HashSet;
-
 use crate::config::Settings;
 use crate::sync::CycleReport;
 
@@ -61,9 +59,4 @@ pub fn failed_accounts(report: &CycleReport) -> Vec<String> {
                 .map(|(id, w)| format!("{id}: {w}")),
         )
         .collect()
-}
-
-/// Parses `--allow-mass-delete` values.
-pub fn allow_set(values: &[String]) -> HashSet<String> {
-    values.iter().cloned().collect()
 }

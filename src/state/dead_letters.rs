@@ -102,11 +102,11 @@ pub async fn open_dead_letters(pool: &PgPool, account_id: &str) -> Result<Vec<Op
     .map_err(Into::into)
 }
 
-/// Open dead letters of an account: (all, refused by Wazzup).
-pub async fn count_open_dead_letters(pool: &PgPool, account_id: &str) -> Result<(i64, i64)> {
-    sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE kind = 'rejected')
-         FROM dead_letters WHERE account_id = $1 AND resolved_at IS NULL",
+/// Open dead letters of an account that Wazzup refused (they keep the account from ending clean).
+pub async fn count_open_refusals(pool: &PgPool, account_id: &str) -> Result<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM dead_letters
+         WHERE account_id = $1 AND resolved_at IS NULL AND kind = 'rejected'",
     )
     .bind(account_id)
     .fetch_one(pool)

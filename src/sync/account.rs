@@ -190,7 +190,7 @@ impl Engine {
                 )));
             }
         };
-        let (_, open_rejected) = state::count_open_dead_letters(&self.state, id).await?;
+        let open_rejected = state::count_open_refusals(&self.state, id).await?;
         let clean = outcome == AccountOutcome::Completed
             && report.deferred == 0
             && report.waiting == 0

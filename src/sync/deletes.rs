@@ -33,7 +33,6 @@ impl Engine {
                     state::delete_mirror(&self.state, id, &batch).await?;
                     state::resolve(&self.state, id, Entity::Delete, &batch, Resolution::Synced)
                         .await?;
-                    state::resolve(&self.state, id, Entity::User, &batch, Resolution::Gone).await?;
                     report.deleted += batch.len();
                 }
                 Err(ApiError::Unauthorized { status }) => return Ok(Some(Stop::Auth(status))),

@@ -16,7 +16,7 @@ use super::report::AccountReport;
 use super::{Engine, Stop};
 use crate::domain::{Entity, ValidUser, mask_digits};
 use crate::plan::UserPlan;
-use crate::state::{self, RemoteRejection, Resolution, StateError};
+use crate::state::{self, RemoteRejection, StateError};
 
 /// One push of an account's users: the queue, and what it came to so far.
 struct Push<'u> {
@@ -231,23 +231,15 @@ impl Engine {
             .collect())
     }
 
-    /// The mirror learns what landed; their dead letters close.
+    /// The mirror learns what landed.
     async fn record_landed(
         &self,
         account_id: &str,
         landed: &[&ValidUser],
         push: &mut Push<'_>,
     ) -> Result<(), StateError> {
-        let ids: Vec<String> = landed.iter().map(|u| u.payload.id.clone()).collect();
+        // Their dead letters close once, after the stage (`close_dead_letters`), from the mirror.
         state::upsert_mirror(&self.state, account_id, landed).await?;
-        state::resolve(
-            &self.state,
-            account_id,
-            Entity::User,
-            &ids,
-            Resolution::Synced,
-        )
-        .await?;
         push.queue.landed(landed.len());
         push.acked.extend(
             landed
