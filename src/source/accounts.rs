@@ -7,7 +7,7 @@ use futures::TryStreamExt;
 use secrecy::SecretString;
 use sqlx::postgres::PgPool;
 
-use super::columns::{ACCOUNTS_SHAPE, Columns, boolean, text};
+use super::columns::{ACCOUNTS_SHAPE, Columns};
 use super::{ReadSummary, SourceAccount, SourceError, begin_read_only, crm_query, in_query};
 use crate::config::Settings;
 
@@ -38,10 +38,9 @@ pub(super) async fn read_accounts(
                 ],
             )?),
         };
-        let q = ACCOUNTS_SHAPE.name;
-        let account_id = text(&row, q, c.0[0])?;
-        let token = text(&row, q, c.0[1])?;
-        let push = boolean(&row, q, c.0[2])?.unwrap_or(false);
+        let account_id = c.text(&row, 0)?;
+        let token = c.text(&row, 1)?;
+        let push = c.boolean(&row, 2)?.unwrap_or(false);
         match (account_id, token) {
             (Some(id), Some(token)) if !id.trim().is_empty() && !token.trim().is_empty() => {
                 *seen.entry(id.clone()).or_default() += 1;

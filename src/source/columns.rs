@@ -37,6 +37,75 @@ pub(super) fn column_index(row: &PgRow, name: &str) -> Option<usize> {
         .position(|c| c.name().eq_ignore_ascii_case(name))
 }
 
+/// How one column's values are read, decided once per result set from its type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Text,
+    /// char(n): pads with spaces that mean nothing (and that `::text` drops).
+    PaddedText,
+    Int2,
+    Int4,
+    Int8,
+    Uuid,
+    Bool,
+}
+
+impl Kind {
+    /// The kind of column `i`, when its type is one the daemon reads as `expected`.
+    fn of(
+        row: &PgRow,
+        query: &'static str,
+        i: usize,
+        expected: &'static str,
+    ) -> Result<Kind, SourceError> {
+        let ty = row.columns()[i].type_info().name();
+        let kind = if expected == "boolean" {
+            (ty == "BOOL").then_some(Kind::Bool)
+        } else {
+            match ty.to_ascii_uppercase().as_str() {
+                "TEXT" | "VARCHAR" | "NAME" | "CITEXT" | "UNKNOWN" => Some(Kind::Text),
+                "BPCHAR" | "CHAR" => Some(Kind::PaddedText),
+                "INT2" => Some(Kind::Int2),
+                "INT4" => Some(Kind::Int4),
+                "INT8" => Some(Kind::Int8),
+                "UUID" => Some(Kind::Uuid),
+                _ => None,
+            }
+        };
+        kind.ok_or_else(|| SourceError::WrongType {
+            query,
+            column: row.columns()[i].name().to_string(),
+            found: ty.to_string(),
+            expected,
+        })
+    }
+}
+
+/// Reads a value of a column whose kind was checked against this result set's types.
+fn read_text(row: &PgRow, i: usize, kind: Kind) -> Result<Option<String>, sqlx::Error> {
+    Ok(match kind {
+        Kind::Text => row
+            .try_get_unchecked::<Option<&str>, _>(i)?
+            .map(str::to_string),
+        Kind::PaddedText => row
+            .try_get_unchecked::<Option<&str>, _>(i)?
+            .map(|v| v.trim_end_matches(' ').to_string()),
+        Kind::Int2 => row
+            .try_get_unchecked::<Option<i16>, _>(i)?
+            .map(|v| v.to_string()),
+        Kind::Int4 => row
+            .try_get_unchecked::<Option<i32>, _>(i)?
+            .map(|v| v.to_string()),
+        Kind::Int8 => row
+            .try_get_unchecked::<Option<i64>, _>(i)?
+            .map(|v| v.to_string()),
+        Kind::Uuid => row
+            .try_get_unchecked::<Option<uuid::Uuid>, _>(i)?
+            .map(|v| v.to_string()),
+        Kind::Bool => None,
+    })
+}
+
 /// Reads a text column; integer and uuid columns are turned into text.
 pub(super) fn text(
     row: &PgRow,
@@ -44,28 +113,8 @@ pub(super) fn text(
     idx: Option<usize>,
 ) -> Result<Option<String>, SourceError> {
     let Some(i) = idx else { return Ok(None) };
-    let ty = row.columns()[i].type_info().name().to_string();
-    match ty.to_ascii_uppercase().as_str() {
-        "TEXT" | "VARCHAR" | "NAME" | "CITEXT" | "UNKNOWN" => {
-            Ok(row.try_get::<Option<String>, _>(i)?)
-        }
-        // char(n) pads with spaces that mean nothing (and that `::text` drops).
-        "BPCHAR" | "CHAR" => Ok(row
-            .try_get::<Option<String>, _>(i)?
-            .map(|v| v.trim_end_matches(' ').to_string())),
-        "INT2" => Ok(row.try_get::<Option<i16>, _>(i)?.map(|v| v.to_string())),
-        "INT4" => Ok(row.try_get::<Option<i32>, _>(i)?.map(|v| v.to_string())),
-        "INT8" => Ok(row.try_get::<Option<i64>, _>(i)?.map(|v| v.to_string())),
-        "UUID" => Ok(row
-            .try_get::<Option<uuid::Uuid>, _>(i)?
-            .map(|v| v.to_string())),
-        _ => Err(SourceError::WrongType {
-            query,
-            column: row.columns()[i].name().to_string(),
-            found: ty,
-            expected: "text",
-        }),
-    }
+    let kind = Kind::of(row, query, i, "text")?;
+    Ok(read_text(row, i, kind)?)
 }
 
 pub(super) fn boolean(
@@ -74,20 +123,13 @@ pub(super) fn boolean(
     idx: Option<usize>,
 ) -> Result<Option<bool>, SourceError> {
     let Some(i) = idx else { return Ok(None) };
-    let ty = row.columns()[i].type_info().name().to_string();
-    if ty != "BOOL" {
-        return Err(SourceError::WrongType {
-            query,
-            column: row.columns()[i].name().to_string(),
-            found: ty,
-            expected: "boolean",
-        });
-    }
-    Ok(row.try_get::<Option<bool>, _>(i)?)
+    Kind::of(row, query, i, "boolean")?;
+    Ok(row.try_get_unchecked::<Option<bool>, _>(i)?)
 }
 
-/// Column positions of one query, found from its first row.
-pub(super) struct Columns(pub(super) Vec<Option<usize>>);
+/// Column positions of one query, found from its first row, each with the kind its values
+/// are read as. Every name but the last is read as text; the last is a boolean.
+pub(super) struct Columns(pub(super) Vec<Option<usize>>, Vec<Option<Kind>>);
 
 impl Columns {
     pub(super) fn of(
@@ -103,31 +145,54 @@ impl Columns {
                 });
             }
         }
-        Ok(Columns(
-            names.iter().map(|n| column_index(row, n)).collect(),
-        ))
+        let idx: Vec<Option<usize>> = names.iter().map(|n| column_index(row, n)).collect();
+        let last = names.len().saturating_sub(1);
+        let kinds = idx
+            .iter()
+            .enumerate()
+            .map(|(n, i)| {
+                let expected = if n == last { "boolean" } else { "text" };
+                i.map(|i| Kind::of(row, shape.name, i, expected))
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Columns(idx, kinds))
+    }
+
+    /// Column `n` (of the names) of a row of this result set, as text.
+    pub(super) fn text(&self, row: &PgRow, n: usize) -> Result<Option<String>, SourceError> {
+        match (self.0[n], self.1[n]) {
+            (Some(i), Some(kind)) => Ok(read_text(row, i, kind)?),
+            _ => Ok(None),
+        }
+    }
+
+    /// Column `n` (of the names) of a row of this result set, as a boolean.
+    pub(super) fn boolean(&self, row: &PgRow, n: usize) -> Result<Option<bool>, SourceError> {
+        match self.0[n] {
+            Some(i) => Ok(row.try_get_unchecked::<Option<bool>, _>(i)?),
+            None => Ok(None),
+        }
     }
 }
 
 pub(super) fn decode_user(row: &PgRow, c: &Columns) -> Result<SourceUser, SourceError> {
-    let q = USERS_SHAPE.name;
     Ok(SourceUser {
-        account_id: text(row, q, c.0[0])?,
-        id: text(row, q, c.0[1])?,
-        name: text(row, q, c.0[2])?,
-        phone: text(row, q, c.0[3])?,
-        hide_phone: boolean(row, q, c.0[4])?,
+        account_id: c.text(row, 0)?,
+        id: c.text(row, 1)?,
+        name: c.text(row, 2)?,
+        phone: c.text(row, 3)?,
+        hide_phone: c.boolean(row, 4)?,
     })
 }
 
 pub(super) fn decode_role(row: &PgRow, c: &Columns) -> Result<SourceRole, SourceError> {
-    let q = ROLES_SHAPE.name;
     Ok(SourceRole {
-        account_id: text(row, q, c.0[0])?,
-        user_id: text(row, q, c.0[1])?,
-        channel_id: text(row, q, c.0[2])?,
-        role: text(row, q, c.0[3])?,
-        allow_get_new_clients: boolean(row, q, c.0[4])?,
+        account_id: c.text(row, 0)?,
+        user_id: c.text(row, 1)?,
+        channel_id: c.text(row, 2)?,
+        role: c.text(row, 3)?,
+        allow_get_new_clients: c.boolean(row, 4)?,
     })
 }
 

@@ -86,12 +86,14 @@ pub async fn finish_account(
 
 /// The fingerprints stored at each account's last clean cycle, with the token then used.
 pub async fn load_source_fingerprints(pool: &PgPool) -> Result<HashMap<String, (String, String)>> {
+    let mut conn = pool.acquire().await?;
     let rows: Vec<(String, String, String)> = sqlx::query_as(
         "SELECT account_id, source_fingerprint, token_fingerprint FROM accounts
          WHERE source_fingerprint IS NOT NULL AND token_fingerprint IS NOT NULL AND status = 'ok'",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
+    super::hand_back(conn).await;
     Ok(rows.into_iter().map(|(a, s, t)| (a, (s, t))).collect())
 }
 
@@ -113,13 +115,15 @@ pub async fn touch_unchanged(pool: &PgPool, account_ids: &[String]) -> Result<()
     if account_ids.is_empty() {
         return Ok(());
     }
+    let mut conn = pool.acquire().await?;
     sqlx::query(
         "UPDATE accounts SET last_cycle_at = now(), last_success_at = now(), last_error = NULL
          WHERE account_id = ANY($1)",
     )
     .bind(account_ids)
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
+    super::hand_back(conn).await;
     Ok(())
 }
 

@@ -206,7 +206,11 @@ impl Engine {
 }
 
 /// Opens `n` sessions of a pool at once and leaves them idle in it, for what comes next.
+/// They are handed back before this returns: a dropped session goes back to the pool in a
+/// task of its own, and a query started meanwhile would open (and wait for) one more.
 async fn warm_up(pool: &PgPool, n: usize) {
     let sessions = futures::future::join_all((0..n).map(|_| pool.acquire())).await;
-    drop(sessions);
+    for mut session in sessions.into_iter().flatten() {
+        session.return_to_pool().await;
+    }
 }
