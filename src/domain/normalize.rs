@@ -1,13 +1,17 @@
 //! One account's CRM rows turned into what is sent: valid users (phones read, unique within
 //! the account), valid role rows, and a rejection with a reason for everything else.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
+
+use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
 use phonenumber::country::Id as Region;
 
 use super::phone::{Phone, PhoneCache, mask_phone, mask_raw_phone, phone_source, read_phone};
 use super::role::{Role, RoleEntry, read_role_rows};
-use super::user::{ValidUser, check_user, compare_ids, refuse, row_payload, user_hash};
+use super::user::{
+    ValidUser, check_user, compare_parsed, id_number, refuse, row_payload, user_hash,
+};
 use super::{Entity, Rejection, SourceRole, SourceUser, UserPayload};
 
 /// One account's CRM rows after normalization.
@@ -44,8 +48,8 @@ pub fn normalize_account(
     let mut out = Normalized::default();
     let candidates = read_users(users, opts, cache, &mut out);
     keep_unique_phones(candidates, &mut out);
-    let valid_ids: HashSet<&str> = out.users.iter().map(|u| u.payload.id.as_str()).collect();
-    let known_ids: HashSet<&str> = users.iter().filter_map(|u| u.id.as_deref()).collect();
+    let valid_ids: FastSet<&str> = out.users.iter().map(|u| u.payload.id.as_str()).collect();
+    let known_ids: FastSet<&str> = users.iter().filter_map(|u| u.id.as_deref()).collect();
     let mut rejected = Vec::new();
     out.roles = read_role_rows(roles, &opts.role_map, &valid_ids, &known_ids, &mut rejected);
     out.rejected.extend(rejected);
@@ -59,11 +63,11 @@ fn read_users(
     cache: &PhoneCache,
     out: &mut Normalized,
 ) -> Vec<ValidUser> {
-    let mut rows_of: HashMap<&str, usize> = HashMap::new();
+    let mut rows_of: FastMap<&str, usize> = FastMap::default();
     for id in users.iter().filter_map(|u| u.id.as_deref()) {
         *rows_of.entry(id).or_default() += 1;
     }
-    let mut reported: HashSet<&str> = HashSet::new();
+    let mut reported: FastSet<&str> = FastSet::default();
     let mut candidates = Vec::with_capacity(users.len());
     for u in users {
         if let Some(id) = u.id.as_deref()
@@ -149,29 +153,52 @@ fn read_user(
 }
 
 /// Two users with one phone: the smaller id keeps it, the greater is refused.
-fn keep_unique_phones(mut candidates: Vec<ValidUser>, out: &mut Normalized) {
-    candidates.sort_by(|a, b| compare_ids(&a.payload.id, &b.payload.id));
-    let mut owner_of: HashMap<String, String> = HashMap::new();
-    for c in candidates {
-        if let Some(phone) = &c.payload.phone {
-            if let Some(owner) = owner_of.get(phone) {
-                out.rejected_user_ids.insert(c.payload.id.clone());
-                out.rejected.push(Rejection {
-                    entity: Entity::User,
-                    record_id: c.payload.id.clone(),
-                    code: "duplicate_phone",
-                    message: format!(
-                        "The phone {} is also the phone of user {owner:?}; Wazzup needs phones unique within an account",
-                        mask_phone(phone)
-                    ),
-                    payload: serde_json::to_value(&c.payload).unwrap_or_default(),
-                });
-                continue;
+fn keep_unique_phones(candidates: Vec<ValidUser>, out: &mut Normalized) {
+    // compare_ids's order, with each id parsed once rather than at every comparison.
+    let mut order: Vec<(Option<u128>, usize)> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (id_number(&c.payload.id), i))
+        .collect();
+    let id = |i: usize| candidates[i].payload.id.as_str();
+    order.sort_by(|&(na, a), &(nb, b)| compare_parsed((na, id(a)), (nb, id(b))));
+    let mut owner_of: FastMap<&str, usize> = FastMap::default();
+    let mut refused: Vec<(usize, usize)> = Vec::new();
+    for &(_, i) in &order {
+        if let Some(phone) = candidates[i].payload.phone.as_deref() {
+            match owner_of.get(phone) {
+                Some(&owner) => refused.push((i, owner)),
+                None => {
+                    owner_of.insert(phone, i);
+                }
             }
-            owner_of.insert(phone.clone(), c.payload.id.clone());
         }
-        out.users.push(c);
     }
+    let mut keep = vec![true; candidates.len()];
+    for &(i, owner) in &refused {
+        keep[i] = false;
+        let c = &candidates[i];
+        let phone = c.payload.phone.as_deref().unwrap_or_default();
+        out.rejected_user_ids.insert(c.payload.id.clone());
+        out.rejected.push(Rejection {
+            entity: Entity::User,
+            record_id: c.payload.id.clone(),
+            code: "duplicate_phone",
+            message: format!(
+                "The phone {} is also the phone of user {:?}; Wazzup needs phones unique within an account",
+                mask_phone(phone),
+                candidates[owner].payload.id
+            ),
+            payload: serde_json::to_value(&c.payload).unwrap_or_default(),
+        });
+    }
+    drop(owner_of);
+    out.users.extend(
+        candidates
+            .into_iter()
+            .zip(keep)
+            .filter_map(|(c, keep)| keep.then_some(c)),
+    );
     out.users.sort_by(|a, b| a.payload.id.cmp(&b.payload.id));
 }
 
@@ -290,6 +317,26 @@ mod tests {
         assert_eq!(n.rejected[0].record_id, "10");
         assert_eq!(n.rejected[0].code, "duplicate_phone");
         assert!(!n.rejected[0].message.contains("79123456789"));
+    }
+
+    #[test]
+    fn a_phone_shared_by_three_stays_with_the_numerically_smallest_id() {
+        let n = normalize_account(
+            &[
+                user("abc", "C", Some("+7 912 345-67-89")),
+                user("10", "B", Some("+7 912 345-67-89")),
+                user("9", "A", Some("89123456789")),
+                user("11", "D", Some("+7 912 345-67-80")),
+            ],
+            &[],
+            &ru(),
+            &PhoneCache::new(),
+        );
+        let kept: Vec<_> = n.users.iter().map(|u| u.payload.id.as_str()).collect();
+        assert_eq!(kept, ["11", "9"], "sorted by id as text");
+        let refused: Vec<_> = n.rejected.iter().map(|r| r.record_id.as_str()).collect();
+        assert_eq!(refused, ["10", "abc"]);
+        assert!(n.rejected.iter().all(|r| r.message.contains("user \"9\"")));
     }
 
     #[test]

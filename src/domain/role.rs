@@ -1,6 +1,8 @@
 //! Role values: the operator's map decides first, then only the exact API values pass.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+
+use foldhash::HashSet;
 
 pub use wazzup_api::{Role, RoleEntry};
 

@@ -35,8 +35,18 @@ pub fn user_hash(payload: &UserPayload) -> String {
 
 /// Orders ids numerically when both are integers, otherwise as strings.
 pub fn compare_ids(a: &str, b: &str) -> Ordering {
-    match (a.parse::<u128>(), b.parse::<u128>()) {
-        (Ok(x), Ok(y)) => x.cmp(&y).then_with(|| a.cmp(b)),
+    compare_parsed((id_number(a), a), (id_number(b), b))
+}
+
+/// An id as the integer [`compare_ids`] orders it by, when it is one.
+pub fn id_number(id: &str) -> Option<u128> {
+    id.parse().ok()
+}
+
+/// [`compare_ids`] for ids whose [`id_number`] was taken once, before sorting.
+pub fn compare_parsed((na, a): (Option<u128>, &str), (nb, b): (Option<u128>, &str)) -> Ordering {
+    match (na, nb) {
+        (Some(x), Some(y)) => x.cmp(&y).then_with(|| a.cmp(b)),
         _ => a.cmp(b),
     }
 }

@@ -74,6 +74,31 @@ pub async fn load_pending(pool: &PgPool, account_id: &str) -> Result<HashSet<Str
     Ok(not_migrated_yet(ids)?.into_iter().collect())
 }
 
+/// The mirror of one account (user id → acknowledged hash) and the phones its users were read
+/// from, in one query: what a cycle needs before it normalizes and plans an account.
+pub async fn load_mirror_and_phones(
+    pool: &PgPool,
+    account_id: &str,
+) -> Result<(HashMap<String, String>, PhoneCache)> {
+    type Row = (String, String, Option<String>, Option<String>, Option<bool>);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT user_id, hash, phone_source, phone, phone_valid FROM mirror_users
+         WHERE account_id = $1",
+    )
+    .bind(account_id)
+    .fetch_all(pool)
+    .await?;
+    let mut mirror = HashMap::with_capacity(rows.len());
+    let mut phones = PhoneCache::with_capacity(rows.len());
+    for (id, hash, source, phone, valid) in rows {
+        if let Some(source) = source {
+            phones.insert(id.clone(), (source, phone, valid.unwrap_or(false)));
+        }
+        mirror.insert(id, hash);
+    }
+    Ok((mirror, phones))
+}
+
 /// The phones read in earlier cycles, for normalization to reuse.
 pub async fn load_phone_cache(pool: &PgPool, account_id: &str) -> Result<PhoneCache> {
     type Row = (String, String, Option<String>, Option<bool>);

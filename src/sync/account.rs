@@ -1,12 +1,14 @@
 //! One account's cycle, as its list of stages: the token's cool-down, local rejections, drift
 //! repair (reconcile), the plan, users, dead letters that closed, settings, deletes, the end.
 
+use std::collections::HashMap;
+
 use chrono::Utc;
 use wazzup_api::{Account, RequestStats};
 
 use super::report::{AccountOutcome, AccountReport};
 use super::{CycleOptions, Engine, Stop};
-use crate::domain::{Normalized, token_fingerprint};
+use crate::domain::{Normalized, SourceRole, SourceUser, normalize_account, token_fingerprint};
 use crate::plan::{self, DeleteGuard, UserPlan};
 use crate::source::SourceAccount;
 use crate::state::{self, AccountState, OpenDeadLetter, StateError};
@@ -33,12 +35,13 @@ impl Job<'_> {
 
 impl Engine {
     /// Holds the account's advisory lock for the length of its cycle; another replica holding
-    /// it means the account is that replica's this time.
+    /// it means the account is that replica's this time. Under the lock, one query reads the
+    /// mirror and the phones it was read from, and the CRM rows are normalized.
     pub(super) async fn sync_account_locked(
         &self,
         account: &SourceAccount,
         source_fingerprint: &str,
-        norm: &Normalized,
+        (users, roles): (Vec<SourceUser>, Vec<SourceRole>),
         opts: &CycleOptions,
         stats: &RequestStats,
         report: &mut AccountReport,
@@ -51,21 +54,38 @@ impl Engine {
             token: &account.token,
             stats,
         };
-        let result = self
-            .sync_account(account, api, source_fingerprint, norm, opts, report)
-            .await;
+        let result = async {
+            let (mirror, phones) =
+                state::load_mirror_and_phones(&self.state, &account.account_id).await?;
+            let norm = normalize_account(&users, &roles, &self.normalize, &phones);
+            drop((phones, users, roles));
+            self.sync_account(
+                account,
+                api,
+                source_fingerprint,
+                &norm,
+                mirror,
+                opts,
+                report,
+            )
+            .await
+        }
+        .await;
         self.unlock_account(&account.account_id).await;
         result
     }
 
     /// The stages, in order. A stage that stops (a refused token, a fault that outlasted its
     /// retries, shutdown) lets the later stages record what they must, but send nothing.
+    /// `mirror` is the account's mirror as read under its lock.
+    #[allow(clippy::too_many_arguments)]
     async fn sync_account(
         &self,
         account: &SourceAccount,
         api: Account<'_>,
         source_fingerprint: &str,
         norm: &Normalized,
+        mut mirror: HashMap<String, String>,
         opts: &CycleOptions,
         report: &mut AccountReport,
     ) -> Result<AccountOutcome, StateError> {
@@ -94,7 +114,10 @@ impl Engine {
         {
             return Ok(outcome);
         }
-        let mut mirror = state::load_mirror(&self.state, id).await?;
+        if opts.reconcile {
+            // Drift repair may have changed the mirror.
+            mirror = state::load_mirror(&self.state, id).await?;
+        }
         let pending = state::load_pending(&self.state, id).await?;
         let plan = self.plan_for(&job, &mirror, &pending, report);
         let mut stop = self.users_stage(&job, &plan, &mut mirror, report).await?;
@@ -143,7 +166,7 @@ impl Engine {
     fn plan_for<'n>(
         &self,
         job: &Job<'n>,
-        mirror: &std::collections::HashMap<String, String>,
+        mirror: &HashMap<String, String>,
         pending: &std::collections::HashSet<String>,
         report: &mut AccountReport,
     ) -> UserPlan<'n> {

@@ -162,21 +162,22 @@ impl Engine {
             let mut report = AccountReport::new(&account.account_id);
             report.users_read = users.len();
             report.roles_read = roles.len();
-            // Phones read in earlier cycles are not parsed again.
-            let cache = if mirror_exists {
-                state::load_phone_cache(&self.state, &account.account_id)
-                    .await
-                    .unwrap_or_default()
-            } else {
-                Default::default()
-            };
-            let norm = normalize_account(&users, &roles, &self.normalize, &cache);
-            drop((cache, users, roles));
             let outcome = if opts.dry_run {
+                // Phones read in earlier cycles are not parsed again.
+                let cache = if mirror_exists {
+                    state::load_phone_cache(&self.state, &account.account_id)
+                        .await
+                        .unwrap_or_default()
+                } else {
+                    Default::default()
+                };
+                let norm = normalize_account(&users, &roles, &self.normalize, &cache);
+                drop((cache, users, roles));
                 self.plan_account(&account, &norm, mirror_exists, opts, &mut report)
                     .await
             } else {
-                self.sync_account_locked(&account, &fingerprint, &norm, opts, &stats, &mut report)
+                let rows = (users, roles);
+                self.sync_account_locked(&account, &fingerprint, rows, opts, &stats, &mut report)
                     .await
             };
             report.outcome = outcome.unwrap_or_else(|e| AccountOutcome::Failed(e.to_string()));

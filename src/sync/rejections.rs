@@ -134,7 +134,7 @@ impl Engine {
 }
 
 /// Every user id the CRM returned, valid or refused.
-fn crm_user_ids<'a>(job: &'a Job<'_>) -> HashSet<&'a str> {
+fn crm_user_ids<'a>(job: &'a Job<'_>) -> foldhash::HashSet<&'a str> {
     job.norm
         .users
         .iter()
