@@ -10,10 +10,11 @@ pub mod role;
 pub mod settings;
 pub mod user;
 
-pub use hash::{content_hash, json_hash, token_fingerprint};
+pub use hash::{content_hash, json_hash, salt_key, token_fingerprint};
 pub use normalize::{NormalizeOptions, Normalized, normalize_account};
 pub use phone::{
-    Phone, PhoneCache, mask_digits, mask_phone, mask_raw_phone, normalize_phone, phone_source,
+    Phone, PhoneCache, PhoneReading, Remembered, RememberedRow, mask_digits, mask_phone,
+    mask_raw_phone, normalize_phone, phone_source,
 };
 pub use role::{Role, RoleEntry, RoleRefusal, reach, read_role};
 pub use settings::{SettingsDoc, settings_hash};
@@ -29,6 +30,8 @@ pub struct SourceUser {
     pub name: Option<String>,
     pub phone: Option<String>,
     pub hide_phone: Option<bool>,
+    /// PostgreSQL's hash of the whole row (`hashtextextended(row::text, 0)`), when read with it.
+    pub row_hash: Option<i64>,
 }
 
 /// A roles-query row as read from the CRM.

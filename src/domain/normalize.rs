@@ -36,6 +36,9 @@ pub struct NormalizeOptions {
     pub region: Option<Region>,
     /// CRM role values (lower case) to API roles.
     pub role_map: BTreeMap<String, Role>,
+    /// Mixed into CRM row hashes before they are compared with the mirror's: the settings and
+    /// code that change what a row means (see `salt_key`).
+    pub row_salt: i64,
 }
 
 /// Validates and normalizes one account's rows.
@@ -79,6 +82,10 @@ fn read_users(
             }
             continue;
         }
+        if let Some(user) = unchanged_user(u, opts, cache, out) {
+            candidates.push(user);
+            continue;
+        }
         match check_user(u) {
             Ok((id, name)) => candidates.push(read_user(id, name, u, opts, cache, out)),
             Err((code, message)) => {
@@ -109,6 +116,43 @@ fn refuse_duplicate_id(users: &[SourceUser], first: &SourceUser, id: &str) -> Re
     );
     r.payload = serde_json::Value::Array(rows);
     r
+}
+
+/// A row identical to the one Wazzup last acknowledged for its user, under the same salt,
+/// becomes that user again without being checked, read or hashed. A user whose phone was
+/// unreadable is read again, so that its warning is given every cycle.
+fn unchanged_user(
+    u: &SourceUser,
+    opts: &NormalizeOptions,
+    cache: &PhoneCache,
+    out: &mut Normalized,
+) -> Option<ValidUser> {
+    let id = u.id.as_deref()?;
+    let salted = u.row_hash? ^ opts.row_salt;
+    let remembered = cache.get(id)?;
+    let row = remembered
+        .row
+        .as_ref()
+        .filter(|r| r.source_hash == salted)?;
+    let (phone_source, phone, phone_valid) = match &remembered.phone {
+        None => (None, None, false),
+        Some((_, None, _)) => return None,
+        Some((source, Some(digits), valid)) => (Some(source.clone()), Some(digits.clone()), *valid),
+    };
+    out.phone_not_valid += usize::from(phone.is_some() && !phone_valid);
+    Some(ValidUser {
+        payload: UserPayload {
+            id: id.to_string(),
+            name: row.name.clone(),
+            phone,
+        },
+        hash: row.hash.clone(),
+        hide_phone: row.hide_phone,
+        phone_source,
+        phone_valid,
+        unreadable_phone: None,
+        source_hash: Some(salted),
+    })
 }
 
 /// A checked row as it will be sent: its phone read (or left out when unreadable).
@@ -149,6 +193,7 @@ fn read_user(
         phone_source: source,
         phone_valid,
         unreadable_phone,
+        source_hash: u.row_hash.map(|h| h ^ opts.row_salt),
     }
 }
 
@@ -205,6 +250,7 @@ fn keep_unique_phones(candidates: Vec<ValidUser>, out: &mut Normalized) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::phone::{Remembered, RememberedRow};
 
     fn user(id: &str, name: &str, phone: Option<&str>) -> SourceUser {
         SourceUser {
@@ -213,6 +259,7 @@ mod tests {
             name: Some(name.into()),
             phone: phone.map(Into::into),
             hide_phone: None,
+            row_hash: None,
         }
     }
 
@@ -230,6 +277,7 @@ mod tests {
         NormalizeOptions {
             region: Some(Region::RU),
             role_map: BTreeMap::new(),
+            row_salt: 7,
         }
     }
 
@@ -260,7 +308,13 @@ mod tests {
         let mut cache = PhoneCache::new();
         let key = phone_source("+371 26 123 456", Some(Region::RU));
         // A cached reading that parsing would never give, to prove the cache was used.
-        cache.insert("1".into(), (key, Some("37100000000".into()), true));
+        cache.insert(
+            "1".into(),
+            Remembered {
+                phone: Some((key, Some("37100000000".into()), true)),
+                row: None,
+            },
+        );
         let n = normalize_account(
             &[user("1", "A", Some("+371 26 123 456"))],
             &[],
@@ -278,6 +332,7 @@ mod tests {
         let lv = NormalizeOptions {
             region: Some(Region::LV),
             role_map: BTreeMap::new(),
+            row_salt: 7,
         };
         let n = normalize_account(&[user("1", "A", Some("+371 26 123 456"))], &[], &lv, &cache);
         assert_eq!(
@@ -285,6 +340,78 @@ mod tests {
             Some("37126123456"),
             "another region, another key"
         );
+    }
+
+    /// A cache entry for user "1" remembering a row hashed `42` under `ru()`'s salt, with a
+    /// name and phone that normalization of the row would never give.
+    fn remembered_row() -> PhoneCache {
+        let mut cache = PhoneCache::new();
+        cache.insert(
+            "1".into(),
+            Remembered {
+                phone: Some(("RU|x".into(), Some("37100000000".into()), false)),
+                row: Some(RememberedRow {
+                    source_hash: 42 ^ 7,
+                    name: "Remembered".into(),
+                    hash: "remembered-hash".into(),
+                    hide_phone: true,
+                }),
+            },
+        );
+        cache
+    }
+
+    #[test]
+    fn an_unchanged_row_becomes_the_remembered_user_without_being_read() {
+        let mut row = user("1", "A", Some("+371 26 123 456"));
+        row.row_hash = Some(42);
+        let n = normalize_account(&[row.clone()], &[], &ru(), &remembered_row());
+        let u = &n.users[0];
+        assert_eq!(u.payload.name, "Remembered");
+        assert_eq!(u.payload.phone.as_deref(), Some("37100000000"));
+        assert_eq!((u.hash.as_str(), u.hide_phone), ("remembered-hash", true));
+        assert_eq!(
+            u.source_hash,
+            Some(42 ^ 7),
+            "remembered again when acknowledged"
+        );
+        assert_eq!(
+            n.phone_not_valid, 1,
+            "the remembered phone's validity still counts"
+        );
+
+        // Another row hash, or another salt: the row is read as it is.
+        row.row_hash = Some(43);
+        let n = normalize_account(&[row.clone()], &[], &ru(), &remembered_row());
+        assert_eq!(n.users[0].payload.name, "A");
+        assert_eq!(n.users[0].source_hash, Some(43 ^ 7));
+        row.row_hash = Some(42);
+        let other_salt = NormalizeOptions {
+            row_salt: 8,
+            ..ru()
+        };
+        let n = normalize_account(&[row], &[], &other_salt, &remembered_row());
+        assert_eq!(n.users[0].payload.name, "A");
+    }
+
+    #[test]
+    fn an_unchanged_row_of_a_repeated_id_is_still_refused() {
+        let mut row = user("1", "A", None);
+        row.row_hash = Some(42);
+        let n = normalize_account(&[row.clone(), row], &[], &ru(), &remembered_row());
+        assert!(n.users.is_empty());
+        assert_eq!(n.rejected[0].code, "duplicate_id");
+    }
+
+    #[test]
+    fn an_unchanged_row_whose_phone_was_unreadable_is_read_again_and_warned_about() {
+        let mut cache = remembered_row();
+        cache.get_mut("1").unwrap().phone = Some(("RU|n/a".into(), None, false));
+        let mut row = user("1", "A", Some("n/a"));
+        row.row_hash = Some(42);
+        let n = normalize_account(&[row], &[], &ru(), &cache);
+        assert_eq!(n.users[0].payload.name, "A");
+        assert_eq!(n.phone_warnings, 1);
     }
 
     #[test]

@@ -4,9 +4,30 @@ use std::collections::HashMap;
 
 use phonenumber::country::Id as Region;
 
-/// Phones read in earlier cycles, by user id: (phone source, international digits or None
-/// when unreadable, valid). A phone whose source is unchanged is not parsed again.
-pub type PhoneCache = HashMap<String, (String, Option<String>, bool)>;
+/// A phone read in an earlier cycle: its source (the cache's key), its international digits
+/// (None when unreadable), and whether libphonenumber knows its range.
+pub type PhoneReading = (String, Option<String>, bool);
+
+/// What the mirror remembers of each user Wazzup acknowledged, by user id: the phone it was
+/// read from, and the CRM row it came from. A phone whose source is unchanged is not parsed
+/// again; a row that is unchanged is not normalized again.
+pub type PhoneCache = HashMap<String, Remembered>;
+
+/// What the mirror remembers of one user.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Remembered {
+    pub phone: Option<PhoneReading>,
+    pub row: Option<RememberedRow>,
+}
+
+/// The acknowledged user and the salted hash of the CRM row it was made from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RememberedRow {
+    pub source_hash: i64,
+    pub name: String,
+    pub hash: String,
+    pub hide_phone: bool,
+}
 
 /// The key under which a phone's reading is cached: the region matters to the result.
 pub fn phone_source(raw: &str, region: Option<Region>) -> String {
@@ -151,7 +172,7 @@ pub fn read_phone(
     let (Some(raw), Some(key)) = (raw, source) else {
         return Phone::Missing;
     };
-    match cache.get(user_id) {
+    match cache.get(user_id).and_then(|r| r.phone.as_ref()) {
         Some((cached_key, Some(digits), valid)) if cached_key == key => Phone::Parsed {
             digits: digits.clone(),
             valid: *valid,

@@ -26,6 +26,8 @@ pub struct ValidUser {
     pub phone_valid: bool,
     /// The CRM's phone, masked, when it could not be read and the user is sent without one.
     pub unreadable_phone: Option<String>,
+    /// The salted hash of the CRM row this user was made from, when PostgreSQL computed it.
+    pub source_hash: Option<i64>,
 }
 
 /// The hash the mirror keeps for a payload Wazzup acknowledged.

@@ -167,6 +167,14 @@ impl Columns {
         }
     }
 
+    /// Column `n` (of the names) of a row of this result set, when it is a bigint.
+    pub(super) fn int8(&self, row: &PgRow, n: usize) -> Result<Option<i64>, SourceError> {
+        match (self.0[n], self.1[n]) {
+            (Some(i), Some(Kind::Int8)) => Ok(row.try_get_unchecked::<Option<i64>, _>(i)?),
+            _ => Ok(None),
+        }
+    }
+
     /// Column `n` (of the names) of a row of this result set, as a boolean.
     pub(super) fn boolean(&self, row: &PgRow, n: usize) -> Result<Option<bool>, SourceError> {
         match self.0[n] {
@@ -182,7 +190,8 @@ pub(super) fn decode_user(row: &PgRow, c: &Columns) -> Result<SourceUser, Source
         id: c.text(row, 1)?,
         name: c.text(row, 2)?,
         phone: c.text(row, 3)?,
-        hide_phone: c.boolean(row, 4)?,
+        row_hash: c.int8(row, 4)?,
+        hide_phone: c.boolean(row, 5)?,
     })
 }
 
@@ -196,7 +205,17 @@ pub(super) fn decode_role(row: &PgRow, c: &Columns) -> Result<SourceRole, Source
     })
 }
 
-pub(super) const USER_COLUMNS: [&str; 5] = ["account_id", "id", "name", "phone", "hide_phone"];
+/// The column the reader adds to the users query: PostgreSQL's hash of the whole row.
+pub(super) const ROW_HASH_COLUMN: &str = "wazzup_sync_row_hash";
+
+pub(super) const USER_COLUMNS: [&str; 6] = [
+    "account_id",
+    "id",
+    "name",
+    "phone",
+    ROW_HASH_COLUMN,
+    "hide_phone",
+];
 pub(super) const ROLE_COLUMNS: [&str; 5] = [
     "account_id",
     "user_id",

@@ -16,7 +16,8 @@ use tokio::sync::mpsc::Sender;
 
 use super::accounts::read_accounts;
 use super::columns::{
-    ROLE_COLUMNS, ROLES_SHAPE, RowReader, USER_COLUMNS, USERS_SHAPE, decode_role, decode_user,
+    ROLE_COLUMNS, ROLES_SHAPE, ROW_HASH_COLUMN, RowReader, USER_COLUMNS, USERS_SHAPE, decode_role,
+    decode_user,
 };
 use super::{
     AccountRows, ReadSummary, SkipUnchanged, SourceAccount, SourceError, crm_query, in_query,
@@ -302,7 +303,14 @@ fn users_reader<'c>(
     multi: bool,
     quiet: &[String],
 ) -> RowReader<'c, SourceUser> {
-    let rows = ordered(conn, &settings.source.users_query, multi, quiet);
+    // PostgreSQL hashes each row where it is cheapest, the same way as the fingerprints: an
+    // unchanged row is then recognised without being normalized.
+    let query = format!(
+        "SELECT wazzup_sync_row.*, hashtextextended(wazzup_sync_row::text, 0) AS {ROW_HASH_COLUMN} \
+         FROM ({}) AS wazzup_sync_row",
+        settings.source.users_query
+    );
+    let rows = ordered(conn, &query, multi, quiet);
     RowReader::new(rows, &USERS_SHAPE, &USER_COLUMNS, multi, decode_user, |u| {
         u.account_id.as_deref()
     })

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use sqlx::postgres::PgPool;
 
 use super::Result;
-use crate::domain::{PhoneCache, ValidUser};
+use crate::domain::{PhoneCache, Remembered, RememberedRow, ValidUser};
 use crate::plan::LastPushed;
 
 /// The mirror of one account: user id → hash of the payload Wazzup acknowledged.
@@ -80,39 +80,67 @@ pub async fn load_mirror_and_phones(
     pool: &PgPool,
     account_id: &str,
 ) -> Result<(HashMap<String, String>, PhoneCache)> {
-    type Row = (String, String, Option<String>, Option<String>, Option<bool>);
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT user_id, hash, phone_source, phone, phone_valid FROM mirror_users
-         WHERE account_id = $1",
-    )
-    .bind(account_id)
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<RememberedRowOf> = sqlx::query_as(REMEMBERED)
+        .bind(account_id)
+        .fetch_all(pool)
+        .await?;
     let mut mirror = HashMap::with_capacity(rows.len());
-    let mut phones = PhoneCache::with_capacity(rows.len());
-    for (id, hash, source, phone, valid) in rows {
-        if let Some(source) = source {
-            phones.insert(id.clone(), (source, phone, valid.unwrap_or(false)));
-        }
-        mirror.insert(id, hash);
+    let mut cache = PhoneCache::with_capacity(rows.len());
+    for row in rows {
+        let (id, remembered) = remembered(row);
+        cache.insert(id.clone(), remembered.1);
+        mirror.insert(id, remembered.0);
     }
-    Ok((mirror, phones))
+    Ok((mirror, cache))
 }
 
-/// The phones read in earlier cycles, for normalization to reuse.
+/// What the mirror remembers of an account's users, for normalization to reuse (a dry run's
+/// view, which may come before the state schema exists).
 pub async fn load_phone_cache(pool: &PgPool, account_id: &str) -> Result<PhoneCache> {
-    type Row = (String, String, Option<String>, Option<bool>);
-    let rows: std::result::Result<Vec<Row>, sqlx::Error> = sqlx::query_as(
-        "SELECT user_id, phone_source, phone, phone_valid FROM mirror_users
-         WHERE account_id = $1 AND phone_source IS NOT NULL",
-    )
-    .bind(account_id)
-    .fetch_all(pool)
-    .await;
+    let rows: std::result::Result<Vec<RememberedRowOf>, sqlx::Error> = sqlx::query_as(REMEMBERED)
+        .bind(account_id)
+        .fetch_all(pool)
+        .await;
     Ok(not_migrated_yet(rows)?
         .into_iter()
-        .map(|(id, source, phone, valid)| (id, (source, phone, valid.unwrap_or(false))))
+        .map(|row| {
+            let (id, (_, remembered)) = remembered(row);
+            (id, remembered)
+        })
         .collect())
+}
+
+/// A mirror row as normalization reuses it.
+type RememberedRowOf = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<bool>,
+    Option<i64>,
+    Option<String>,
+    Option<bool>,
+);
+
+const REMEMBERED: &str =
+    "SELECT user_id, hash, phone_source, phone, phone_valid, source_hash, name, hide_phone
+     FROM mirror_users WHERE account_id = $1";
+
+/// A mirror row: its user id, and its hash with what normalization may reuse. A row is only
+/// remembered whole (name, flag and source hash all known).
+fn remembered(row: RememberedRowOf) -> (String, (String, Remembered)) {
+    let (id, hash, source, phone, valid, source_hash, name, hide_phone) = row;
+    let row = match (source_hash, name, hide_phone) {
+        (Some(source_hash), Some(name), Some(hide_phone)) => Some(RememberedRow {
+            source_hash,
+            name,
+            hash: hash.clone(),
+            hide_phone,
+        }),
+        _ => None,
+    };
+    let phone = source.map(|s| (s, phone, valid.unwrap_or(false)));
+    (id, (hash, Remembered { phone, row }))
 }
 
 /// Records users Wazzup acknowledged, in one statement.
@@ -126,17 +154,21 @@ pub async fn upsert_mirror(pool: &PgPool, account_id: &str, users: &[&ValidUser]
     let phones: Vec<Option<&str>> = users.iter().map(|u| u.payload.phone.as_deref()).collect();
     let valid: Vec<bool> = users.iter().map(|u| u.phone_valid).collect();
     let names: Vec<&str> = users.iter().map(|u| u.payload.name.as_str()).collect();
+    let source_hashes: Vec<Option<i64>> = users.iter().map(|u| u.source_hash).collect();
+    let hide: Vec<bool> = users.iter().map(|u| u.hide_phone).collect();
     sqlx::query(
         "WITH done AS (
             DELETE FROM pending_users WHERE account_id = $1 AND user_id = ANY($2)
          )
-         INSERT INTO mirror_users (account_id, user_id, hash, synced_at, phone_source, phone, phone_valid, name)
-         SELECT $1, u.id, u.hash, now(), u.source, u.phone, u.valid, u.name
-         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::text[])
-              AS u(id, hash, source, phone, valid, name)
+         INSERT INTO mirror_users (account_id, user_id, hash, synced_at, phone_source, phone, phone_valid,
+                                   name, source_hash, hide_phone)
+         SELECT $1, u.id, u.hash, now(), u.source, u.phone, u.valid, u.name, u.source_hash, u.hide
+         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::text[],
+                     $8::int8[], $9::bool[])
+              AS u(id, hash, source, phone, valid, name, source_hash, hide)
          ON CONFLICT (account_id, user_id) DO UPDATE SET hash = EXCLUDED.hash, synced_at = now(),
             phone_source = EXCLUDED.phone_source, phone = EXCLUDED.phone, phone_valid = EXCLUDED.phone_valid,
-            name = EXCLUDED.name",
+            name = EXCLUDED.name, source_hash = EXCLUDED.source_hash, hide_phone = EXCLUDED.hide_phone",
     )
     .bind(account_id)
     .bind(ids)
@@ -145,6 +177,46 @@ pub async fn upsert_mirror(pool: &PgPool, account_id: &str, users: &[&ValidUser]
     .bind(phones)
     .bind(valid)
     .bind(names)
+    .bind(source_hashes)
+    .bind(hide)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records which CRM row each of these users, unchanged in Wazzup, now comes from (with what
+/// normalization reuses), so that the row is recognised next time. Needed after an upgrade or
+/// a settings change (another salt), and for users synced before rows were hashed. Only a
+/// mirror row still holding the user's hash is touched.
+pub async fn remember_rows(pool: &PgPool, account_id: &str, users: &[&ValidUser]) -> Result<()> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<&str> = users.iter().map(|u| u.payload.id.as_str()).collect();
+    let hashes: Vec<&str> = users.iter().map(|u| u.hash.as_str()).collect();
+    let source_hashes: Vec<Option<i64>> = users.iter().map(|u| u.source_hash).collect();
+    let names: Vec<&str> = users.iter().map(|u| u.payload.name.as_str()).collect();
+    let hide: Vec<bool> = users.iter().map(|u| u.hide_phone).collect();
+    let sources: Vec<Option<&str>> = users.iter().map(|u| u.phone_source.as_deref()).collect();
+    let phones: Vec<Option<&str>> = users.iter().map(|u| u.payload.phone.as_deref()).collect();
+    let valid: Vec<bool> = users.iter().map(|u| u.phone_valid).collect();
+    sqlx::query(
+        "UPDATE mirror_users m SET source_hash = u.source_hash, name = u.name, hide_phone = u.hide,
+                phone_source = u.source, phone = u.phone, phone_valid = u.valid
+         FROM UNNEST($2::text[], $3::text[], $4::int8[], $5::text[], $6::bool[], $7::text[],
+                     $8::text[], $9::bool[])
+              AS u(id, hash, source_hash, name, hide, source, phone, valid)
+         WHERE m.account_id = $1 AND m.user_id = u.id AND m.hash = u.hash",
+    )
+    .bind(account_id)
+    .bind(ids)
+    .bind(hashes)
+    .bind(source_hashes)
+    .bind(names)
+    .bind(hide)
+    .bind(sources)
+    .bind(phones)
+    .bind(valid)
     .execute(pool)
     .await?;
     Ok(())

@@ -8,7 +8,9 @@ use wazzup_api::{Account, RequestStats};
 
 use super::report::{AccountOutcome, AccountReport};
 use super::{CycleOptions, Engine, Stop};
-use crate::domain::{Normalized, SourceRole, SourceUser, normalize_account, token_fingerprint};
+use crate::domain::{
+    Normalized, PhoneCache, SourceRole, SourceUser, ValidUser, normalize_account, token_fingerprint,
+};
 use crate::plan::{self, DeleteGuard, UserPlan};
 use crate::source::SourceAccount;
 use crate::state::{self, AccountState, OpenDeadLetter, StateError};
@@ -58,7 +60,10 @@ impl Engine {
             let (mirror, phones) =
                 state::load_mirror_and_phones(&self.state, &account.account_id).await?;
             let norm = normalize_account(&users, &roles, &self.normalize, &phones);
-            drop((phones, users, roles));
+            drop((users, roles));
+            let unremembered = unremembered_rows(&norm, &mirror, &phones);
+            state::remember_rows(&self.state, &account.account_id, &unremembered).await?;
+            drop((unremembered, phones));
             self.sync_account(
                 account,
                 api,
@@ -233,4 +238,25 @@ impl Engine {
         .await?;
         Ok(outcome)
     }
+}
+
+/// Users Wazzup holds as they are, whose CRM row the mirror does not remember (yet, or under
+/// this salt): their row is recorded, so that it is recognised next cycle.
+fn unremembered_rows<'n>(
+    norm: &'n Normalized,
+    mirror: &HashMap<String, String>,
+    remembered: &PhoneCache,
+) -> Vec<&'n ValidUser> {
+    norm.users
+        .iter()
+        .filter(|u| {
+            u.source_hash.is_some()
+                && mirror.get(&u.payload.id) == Some(&u.hash)
+                && remembered
+                    .get(&u.payload.id)
+                    .and_then(|r| r.row.as_ref())
+                    .map(|r| r.source_hash)
+                    != u.source_hash
+        })
+        .collect()
 }

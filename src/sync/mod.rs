@@ -64,10 +64,12 @@ pub enum Stop {
 
 impl Engine {
     pub fn new(settings: Settings, shutdown: watch::Receiver<bool>) -> anyhow::Result<Self> {
-        let normalize = NormalizeOptions {
+        let mut normalize = NormalizeOptions {
             region: settings.phone_region(),
             role_map: settings.role_map(),
+            row_salt: 0,
         };
+        normalize.row_salt = crate::domain::salt_key(&salt(&settings, &normalize));
         Ok(Self {
             source: source::connect(&settings)?,
             state: state::connect(&settings)?,
@@ -116,19 +118,9 @@ impl Engine {
         }
     }
 
-    /// What, besides the rows, decides what a row means: the code's version and rules, and the
-    /// settings that change normalization or deletion.
+    /// What, besides the rows, decides what a row means (see [`salt`]).
     fn fingerprint_salt(&self) -> String {
-        crate::domain::content_hash(
-            format!(
-                "{}|{RULES_VERSION}|{:?}|{:?}|{}",
-                env!("CARGO_PKG_VERSION"),
-                self.normalize.region,
-                self.normalize.role_map,
-                self.settings.sync.delete_missing
-            )
-            .as_bytes(),
-        )
+        salt(&self.settings, &self.normalize)
     }
 
     /// The region and role map rows are normalized with.
@@ -203,6 +195,22 @@ impl Engine {
             ),
         }
     }
+}
+
+/// What, besides the rows, decides what a row means: the code's version and rules, and the
+/// settings that change normalization or deletion. Mixed into the accounts' fingerprints and
+/// into the rows' hashes.
+fn salt(settings: &Settings, normalize: &NormalizeOptions) -> String {
+    crate::domain::content_hash(
+        format!(
+            "{}|{RULES_VERSION}|{:?}|{:?}|{}",
+            env!("CARGO_PKG_VERSION"),
+            normalize.region,
+            normalize.role_map,
+            settings.sync.delete_missing
+        )
+        .as_bytes(),
+    )
 }
 
 /// Opens `n` sessions of a pool at once and leaves them idle in it, for what comes next.

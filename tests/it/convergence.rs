@@ -114,6 +114,7 @@ async fn source_rows(db: &TestDb) -> (Vec<SourceUser>, Vec<SourceRole>) {
                 name: Some(name),
                 phone,
                 hide_phone: hide,
+                row_hash: None,
             })
             .collect(),
         roles
@@ -162,6 +163,7 @@ async fn random_changes_and_faults_converge_once_the_faults_stop() {
         let opts = NormalizeOptions {
             region: Some(phonenumber::country::Id::LV),
             role_map: Default::default(),
+            row_salt: 0,
         };
         let norm = normalize_account(&users, &roles, &opts, &Default::default());
         let held = sim.users("tok-1");

@@ -157,7 +157,8 @@ async fn sigterm_with_several_batches_in_flight_lets_all_of_them_finish_and_star
     sim.add_account("tok-1");
     db.add_users("a1", 600).await;
     let env = env_for(&db, &sim, &[("WAZZUP_SYNC__HTTP__ENABLED", "false")]);
-    // Every answer takes a second: the first four batches are in flight at the signal.
+    // Every answer takes a second: the first five batches (the default) are in flight at
+    // the signal; the sixth waits for room.
     sim.set_latency(1000);
     let child = spawn_bin(&["run"], &env);
     sim.signal_at_request(2, child.id().unwrap(), "TERM");
@@ -168,9 +169,9 @@ async fn sigterm_with_several_batches_in_flight_lets_all_of_them_finish_and_star
         .unwrap();
 
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert_eq!(sim.request_count(), 4, "the four in flight, none after");
-    assert_eq!(sim.users("tok-1").len(), 400, "all four landed");
-    assert_eq!(db.mirror_count("a1").await, 400, "and were recorded");
+    assert_eq!(sim.request_count(), 5, "the five in flight, none after");
+    assert_eq!(sim.users("tok-1").len(), 500, "all five landed");
+    assert_eq!(db.mirror_count("a1").await, 500, "and were recorded");
 }
 
 #[tokio::test]

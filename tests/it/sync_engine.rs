@@ -951,3 +951,80 @@ async fn an_accounts_batches_go_out_together_and_its_settings_wait_for_all_of_th
         "the settings went out only after every batch was answered"
     );
 }
+
+#[tokio::test]
+async fn a_new_phone_region_reads_every_unchanged_row_again() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.add_users("a1", 3).await;
+    // National numbers: what they mean depends on the region.
+    db.exec("UPDATE wazzup_users SET phone = '2612345' || right(id, 1)")
+        .await;
+    let lv = [("WAZZUP_SYNC__SOURCE__DEFAULT_PHONE_REGION", "LV")];
+    sync(&db, &sim, &lv).await;
+    assert_eq!(
+        sim.users("tok-1")["u2"].phone.as_deref(),
+        Some("37126123452")
+    );
+    sim.clear_requests();
+
+    // Not a byte of the rows changed, but they mean something else now.
+    let dk = [("WAZZUP_SYNC__SOURCE__DEFAULT_PHONE_REGION", "DK")];
+    let report = sync(&db, &sim, &dk).await;
+
+    assert_eq!(report.accounts[0].updated, 3);
+    let users = sim.users("tok-1");
+    let phones: Vec<_> = users.values().map(|u| u.phone.clone().unwrap()).collect();
+    assert_eq!(phones, ["4526123451", "4526123452", "4526123453"]);
+}
+
+#[tokio::test]
+async fn a_mirror_that_remembers_no_rows_learns_them_without_sending_anything() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.add_users("a1", 20).await;
+    sync(&db, &sim, &[]).await;
+    let forgotten = "SELECT count(*) FROM wazzup_sync.mirror_users
+                     WHERE source_hash IS NULL OR hide_phone IS NULL OR name IS NULL";
+    let n: i64 = sqlx::query_scalar(forgotten)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        n, 0,
+        "every acknowledged user remembers the row it came from"
+    );
+
+    // As after an upgrade from a version that did not hash rows.
+    db.exec(
+        "UPDATE wazzup_sync.mirror_users SET source_hash = NULL, name = NULL, hide_phone = NULL",
+    )
+    .await;
+    db.exec("UPDATE wazzup_users SET name = 'Renamed' WHERE id = 'u1'")
+        .await;
+    sim.clear_requests();
+    let report = sync(&db, &sim, &[]).await;
+
+    let sent: Vec<(String, Vec<String>)> = sim
+        .requests()
+        .iter()
+        .map(|r| (r.method.clone(), r.ids.clone()))
+        .collect();
+    assert_eq!(sent, [("POST".to_string(), vec!["u1".to_string()])]);
+    assert_eq!(report.accounts[0].unchanged, 19);
+    let n: i64 = sqlx::query_scalar(forgotten)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(n, 0, "the unchanged users' rows are remembered again");
+    let name: String =
+        sqlx::query_scalar("SELECT name FROM wazzup_sync.mirror_users WHERE user_id = 'u7'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(name, "User 7");
+}
