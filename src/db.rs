@@ -10,6 +10,13 @@ use sqlx::{ConnectOptions, Connection};
 /// Idle sessions are closed after this long, so a quiet daemon holds (almost) no connections.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Puts a session back in its pool before returning. A session that is only dropped goes back
+/// in a task of its own, and a query that follows at once would open (and, over TLS, wait for)
+/// one more: what the start of every one-shot command paid.
+pub async fn hand_back(mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {
+    conn.return_to_pool().await;
+}
+
 /// Which of the daemon's two databases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Which {

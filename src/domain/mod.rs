@@ -13,7 +13,7 @@ pub mod user;
 pub use hash::{content_hash, json_hash, salt_key, token_fingerprint};
 pub use normalize::{NormalizeOptions, Normalized, normalize_account};
 pub use phone::{
-    Phone, PhoneCache, PhoneReading, Remembered, RememberedRow, mask_digits, mask_phone,
+    Phone, PhoneReading, Remembered, RememberedRow, RememberedUsers, mask_digits, mask_phone,
     mask_raw_phone, normalize_phone, phone_source,
 };
 pub use role::{Role, RoleEntry, RoleRefusal, reach, read_role};

@@ -7,7 +7,7 @@ use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
 use phonenumber::country::Id as Region;
 
-use super::phone::{Phone, PhoneCache, mask_phone, mask_raw_phone, phone_source, read_phone};
+use super::phone::{Phone, RememberedUsers, mask_phone, mask_raw_phone, phone_source, read_phone};
 use super::role::{Role, RoleEntry, read_role_rows};
 use super::user::{
     ValidUser, check_user, compare_parsed, id_number, refuse, row_payload, user_hash,
@@ -46,7 +46,7 @@ pub fn normalize_account(
     users: &[SourceUser],
     roles: &[SourceRole],
     opts: &NormalizeOptions,
-    cache: &PhoneCache,
+    cache: &RememberedUsers,
 ) -> Normalized {
     let mut out = Normalized::default();
     let candidates = read_users(users, opts, cache, &mut out);
@@ -63,7 +63,7 @@ pub fn normalize_account(
 fn read_users(
     users: &[SourceUser],
     opts: &NormalizeOptions,
-    cache: &PhoneCache,
+    cache: &RememberedUsers,
     out: &mut Normalized,
 ) -> Vec<ValidUser> {
     let mut rows_of: FastMap<&str, usize> = FastMap::default();
@@ -124,7 +124,7 @@ fn refuse_duplicate_id(users: &[SourceUser], first: &SourceUser, id: &str) -> Re
 fn unchanged_user(
     u: &SourceUser,
     opts: &NormalizeOptions,
-    cache: &PhoneCache,
+    cache: &RememberedUsers,
     out: &mut Normalized,
 ) -> Option<ValidUser> {
     let id = u.id.as_deref()?;
@@ -161,7 +161,7 @@ fn read_user(
     name: String,
     u: &SourceUser,
     opts: &NormalizeOptions,
-    cache: &PhoneCache,
+    cache: &RememberedUsers,
     out: &mut Normalized,
 ) -> ValidUser {
     let source = u.phone.as_deref().map(|p| phone_source(p, opts.region));
@@ -294,7 +294,7 @@ mod tests {
             ],
             &[],
             &ru(),
-            &PhoneCache::new(),
+            &RememberedUsers::new(),
         );
         let ids: Vec<_> = n.users.iter().map(|u| u.payload.id.as_str()).collect();
         assert_eq!(ids, ["1", "2"]);
@@ -305,7 +305,7 @@ mod tests {
 
     #[test]
     fn an_unchanged_phone_is_taken_from_the_cache_and_a_changed_one_is_read_again() {
-        let mut cache = PhoneCache::new();
+        let mut cache = RememberedUsers::new();
         let key = phone_source("+371 26 123 456", Some(Region::RU));
         // A cached reading that parsing would never give, to prove the cache was used.
         cache.insert(
@@ -344,8 +344,8 @@ mod tests {
 
     /// A cache entry for user "1" remembering a row hashed `42` under `ru()`'s salt, with a
     /// name and phone that normalization of the row would never give.
-    fn remembered_row() -> PhoneCache {
-        let mut cache = PhoneCache::new();
+    fn remembered_row() -> RememberedUsers {
+        let mut cache = RememberedUsers::new();
         cache.insert(
             "1".into(),
             Remembered {
@@ -420,7 +420,7 @@ mod tests {
             &[user("1", "A", Some("n/a"))],
             &[],
             &ru(),
-            &PhoneCache::new(),
+            &RememberedUsers::new(),
         );
         assert_eq!(n.users[0].payload.phone, None);
         assert_eq!(n.users[0].unreadable_phone.as_deref(), Some("n/a"));
@@ -437,7 +437,7 @@ mod tests {
             ],
             &[],
             &ru(),
-            &PhoneCache::new(),
+            &RememberedUsers::new(),
         );
         assert_eq!(n.users.len(), 1);
         assert_eq!(n.users[0].payload.id, "9");
@@ -457,7 +457,7 @@ mod tests {
             ],
             &[],
             &ru(),
-            &PhoneCache::new(),
+            &RememberedUsers::new(),
         );
         let kept: Vec<_> = n.users.iter().map(|u| u.payload.id.as_str()).collect();
         assert_eq!(kept, ["11", "9"], "sorted by id as text");
@@ -476,7 +476,7 @@ mod tests {
             ],
             &[role("1", "ch", "seller")],
             &ru(),
-            &PhoneCache::new(),
+            &RememberedUsers::new(),
         );
         assert_eq!(n.users.len(), 1);
         let dups: Vec<_> = n
@@ -508,7 +508,7 @@ mod tests {
                 role("7", "c1", "seller"),
             ],
             &opts,
-            &PhoneCache::new(),
+            &RememberedUsers::new(),
         );
         assert_eq!(n.roles.len(), 2);
         assert_eq!(n.roles[1].role, Role::Manager);
@@ -529,7 +529,7 @@ mod tests {
                 role("1", "c2", "auditor"),
             ],
             &ru(),
-            &PhoneCache::new(),
+            &RememberedUsers::new(),
         );
         assert_eq!(n.roles.len(), 1);
         assert_eq!(n.roles[0].channel_id, "c2");
@@ -550,7 +550,7 @@ mod tests {
             ],
             &[],
             &ru(),
-            &PhoneCache::new(),
+            &RememberedUsers::new(),
         );
         assert_eq!(n.users.len(), 2, "SQL-looking and bidi names are data");
         assert_eq!(n.rejected.len(), 3);

@@ -11,7 +11,7 @@ pub type PhoneReading = (String, Option<String>, bool);
 /// What the mirror remembers of each user Wazzup acknowledged, by user id: the phone it was
 /// read from, and the CRM row it came from. A phone whose source is unchanged is not parsed
 /// again; a row that is unchanged is not normalized again.
-pub type PhoneCache = HashMap<String, Remembered>;
+pub type RememberedUsers = HashMap<String, Remembered>;
 
 /// What the mirror remembers of one user.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -167,7 +167,7 @@ pub fn read_phone(
     raw: Option<&str>,
     source: Option<&str>,
     region: Option<Region>,
-    cache: &PhoneCache,
+    cache: &RememberedUsers,
 ) -> Phone {
     let (Some(raw), Some(key)) = (raw, source) else {
         return Phone::Missing;

@@ -93,7 +93,7 @@ pub async fn load_source_fingerprints(pool: &PgPool) -> Result<HashMap<String, (
     )
     .fetch_all(&mut *conn)
     .await?;
-    super::hand_back(conn).await;
+    crate::db::hand_back(conn).await;
     Ok(rows.into_iter().map(|(a, s, t)| (a, (s, t))).collect())
 }
 
@@ -123,7 +123,7 @@ pub async fn touch_unchanged(pool: &PgPool, account_ids: &[String]) -> Result<()
     .bind(account_ids)
     .execute(&mut *conn)
     .await?;
-    super::hand_back(conn).await;
+    crate::db::hand_back(conn).await;
     Ok(())
 }
 

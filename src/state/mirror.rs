@@ -6,7 +6,16 @@ use std::collections::{HashMap, HashSet};
 use sqlx::postgres::PgPool;
 
 use super::Result;
-use crate::domain::{PhoneCache, Remembered, RememberedRow, ValidUser};
+
+/// The users bound by [`bind_users`], as a table `u` of the statement ($2 to $9).
+macro_rules! users_table {
+    () => {
+        "UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::text[],
+                $8::int8[], $9::bool[])
+         AS u(id, hash, source, phone, valid, name, source_hash, hide)"
+    };
+}
+use crate::domain::{Remembered, RememberedRow, RememberedUsers, ValidUser};
 use crate::plan::LastPushed;
 
 /// The mirror of one account: user id → hash of the payload Wazzup acknowledged.
@@ -79,13 +88,13 @@ pub async fn load_pending(pool: &PgPool, account_id: &str) -> Result<HashSet<Str
 pub async fn load_mirror_and_phones(
     pool: &PgPool,
     account_id: &str,
-) -> Result<(HashMap<String, String>, PhoneCache)> {
+) -> Result<(HashMap<String, String>, RememberedUsers)> {
     let rows: Vec<RememberedRowOf> = sqlx::query_as(REMEMBERED)
         .bind(account_id)
         .fetch_all(pool)
         .await?;
     let mut mirror = HashMap::with_capacity(rows.len());
-    let mut cache = PhoneCache::with_capacity(rows.len());
+    let mut cache = RememberedUsers::with_capacity(rows.len());
     for row in rows {
         let (id, remembered) = remembered(row);
         cache.insert(id.clone(), remembered.1);
@@ -96,7 +105,7 @@ pub async fn load_mirror_and_phones(
 
 /// What the mirror remembers of an account's users, for normalization to reuse (a dry run's
 /// view, which may come before the state schema exists).
-pub async fn load_phone_cache(pool: &PgPool, account_id: &str) -> Result<PhoneCache> {
+pub async fn load_remembered(pool: &PgPool, account_id: &str) -> Result<RememberedUsers> {
     let rows: std::result::Result<Vec<RememberedRowOf>, sqlx::Error> = sqlx::query_as(REMEMBERED)
         .bind(account_id)
         .fetch_all(pool)
@@ -148,39 +157,22 @@ pub async fn upsert_mirror(pool: &PgPool, account_id: &str, users: &[&ValidUser]
     if users.is_empty() {
         return Ok(());
     }
-    let ids: Vec<&str> = users.iter().map(|u| u.payload.id.as_str()).collect();
-    let hashes: Vec<&str> = users.iter().map(|u| u.hash.as_str()).collect();
-    let sources: Vec<Option<&str>> = users.iter().map(|u| u.phone_source.as_deref()).collect();
-    let phones: Vec<Option<&str>> = users.iter().map(|u| u.payload.phone.as_deref()).collect();
-    let valid: Vec<bool> = users.iter().map(|u| u.phone_valid).collect();
-    let names: Vec<&str> = users.iter().map(|u| u.payload.name.as_str()).collect();
-    let source_hashes: Vec<Option<i64>> = users.iter().map(|u| u.source_hash).collect();
-    let hide: Vec<bool> = users.iter().map(|u| u.hide_phone).collect();
-    sqlx::query(
+    let query = sqlx::query(concat!(
         "WITH done AS (
             DELETE FROM pending_users WHERE account_id = $1 AND user_id = ANY($2)
          )
          INSERT INTO mirror_users (account_id, user_id, hash, synced_at, phone_source, phone, phone_valid,
                                    name, source_hash, hide_phone)
          SELECT $1, u.id, u.hash, now(), u.source, u.phone, u.valid, u.name, u.source_hash, u.hide
-         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bool[], $7::text[],
-                     $8::int8[], $9::bool[])
-              AS u(id, hash, source, phone, valid, name, source_hash, hide)
-         ON CONFLICT (account_id, user_id) DO UPDATE SET hash = EXCLUDED.hash, synced_at = now(),
+         FROM ",
+        users_table!(),
+        " ON CONFLICT (account_id, user_id) DO UPDATE SET hash = EXCLUDED.hash, synced_at = now(),
             phone_source = EXCLUDED.phone_source, phone = EXCLUDED.phone, phone_valid = EXCLUDED.phone_valid,
-            name = EXCLUDED.name, source_hash = EXCLUDED.source_hash, hide_phone = EXCLUDED.hide_phone",
-    )
-    .bind(account_id)
-    .bind(ids)
-    .bind(hashes)
-    .bind(sources)
-    .bind(phones)
-    .bind(valid)
-    .bind(names)
-    .bind(source_hashes)
-    .bind(hide)
-    .execute(pool)
-    .await?;
+            name = EXCLUDED.name, source_hash = EXCLUDED.source_hash, hide_phone = EXCLUDED.hide_phone"
+    ));
+    bind_users(query.bind(account_id), users)
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
@@ -192,34 +184,41 @@ pub async fn remember_rows(pool: &PgPool, account_id: &str, users: &[&ValidUser]
     if users.is_empty() {
         return Ok(());
     }
-    let ids: Vec<&str> = users.iter().map(|u| u.payload.id.as_str()).collect();
-    let hashes: Vec<&str> = users.iter().map(|u| u.hash.as_str()).collect();
-    let source_hashes: Vec<Option<i64>> = users.iter().map(|u| u.source_hash).collect();
-    let names: Vec<&str> = users.iter().map(|u| u.payload.name.as_str()).collect();
-    let hide: Vec<bool> = users.iter().map(|u| u.hide_phone).collect();
-    let sources: Vec<Option<&str>> = users.iter().map(|u| u.phone_source.as_deref()).collect();
-    let phones: Vec<Option<&str>> = users.iter().map(|u| u.payload.phone.as_deref()).collect();
-    let valid: Vec<bool> = users.iter().map(|u| u.phone_valid).collect();
-    sqlx::query(
+    let query = sqlx::query(concat!(
         "UPDATE mirror_users m SET source_hash = u.source_hash, name = u.name, hide_phone = u.hide,
                 phone_source = u.source, phone = u.phone, phone_valid = u.valid
-         FROM UNNEST($2::text[], $3::text[], $4::int8[], $5::text[], $6::bool[], $7::text[],
-                     $8::text[], $9::bool[])
-              AS u(id, hash, source_hash, name, hide, source, phone, valid)
-         WHERE m.account_id = $1 AND m.user_id = u.id AND m.hash = u.hash",
-    )
-    .bind(account_id)
-    .bind(ids)
-    .bind(hashes)
-    .bind(source_hashes)
-    .bind(names)
-    .bind(hide)
-    .bind(sources)
-    .bind(phones)
-    .bind(valid)
-    .execute(pool)
-    .await?;
+         FROM ",
+        users_table!(),
+        " WHERE m.account_id = $1 AND m.user_id = u.id AND m.hash = u.hash"
+    ));
+    bind_users(query.bind(account_id), users)
+        .execute(pool)
+        .await?;
     Ok(())
+}
+
+/// Binds what the mirror keeps of each user, one array per column, as `users_table!` reads them.
+fn bind_users<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    users: &[&'q ValidUser],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    let column = |f: fn(&'q ValidUser) -> Option<&'q str>| -> Vec<Option<&'q str>> {
+        users.iter().map(|u| f(u)).collect()
+    };
+    query
+        .bind(column(|u| Some(u.payload.id.as_str())))
+        .bind(column(|u| Some(u.hash.as_str())))
+        .bind(column(|u| u.phone_source.as_deref()))
+        .bind(column(|u| u.payload.phone.as_deref()))
+        .bind(users.iter().map(|u| u.phone_valid).collect::<Vec<bool>>())
+        .bind(column(|u| Some(u.payload.name.as_str())))
+        .bind(
+            users
+                .iter()
+                .map(|u| u.source_hash)
+                .collect::<Vec<Option<i64>>>(),
+        )
+        .bind(users.iter().map(|u| u.hide_phone).collect::<Vec<bool>>())
 }
 
 /// Forgets users Wazzup acknowledged deleting.

@@ -106,7 +106,7 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> std::result::Result<(), Str
     let describe = |e: sqlx::Error| crate::db::describe(&e);
     let mut conn = pool.acquire().await.map_err(describe)?;
     if up_to_date(&mut conn).await {
-        hand_back(conn).await;
+        crate::db::hand_back(conn).await;
         return Ok(());
     }
     // The schema name was checked to be a plain identifier at start-up.
@@ -123,13 +123,6 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> std::result::Result<(), Str
         }
         other => other.to_string(),
     })
-}
-
-/// Puts a session back in the pool before returning. A session that is only dropped goes back
-/// in a task of its own, and a query that follows at once would open (and, over TLS, wait for)
-/// one more: what the start of every one-shot command paid.
-pub(crate) async fn hand_back(mut conn: sqlx::pool::PoolConnection<sqlx::Postgres>) {
-    conn.return_to_pool().await;
 }
 
 /// True when every embedded migration is applied, and nothing else: one query instead of the

@@ -9,7 +9,8 @@ use wazzup_api::{Account, RequestStats};
 use super::report::{AccountOutcome, AccountReport};
 use super::{CycleOptions, Engine, Stop};
 use crate::domain::{
-    Normalized, PhoneCache, SourceRole, SourceUser, ValidUser, normalize_account, token_fingerprint,
+    Normalized, RememberedUsers, SourceRole, SourceUser, ValidUser, normalize_account,
+    token_fingerprint,
 };
 use crate::plan::{self, DeleteGuard, UserPlan};
 use crate::source::SourceAccount;
@@ -245,7 +246,7 @@ impl Engine {
 fn unremembered_rows<'n>(
     norm: &'n Normalized,
     mirror: &HashMap<String, String>,
-    remembered: &PhoneCache,
+    remembered: &RememberedUsers,
 ) -> Vec<&'n ValidUser> {
     norm.users
         .iter()

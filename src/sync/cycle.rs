@@ -165,7 +165,7 @@ impl Engine {
             let outcome = if opts.dry_run {
                 // Phones read in earlier cycles are not parsed again.
                 let cache = if mirror_exists {
-                    state::load_phone_cache(&self.state, &account.account_id)
+                    state::load_remembered(&self.state, &account.account_id)
                         .await
                         .unwrap_or_default()
                 } else {

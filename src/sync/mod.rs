@@ -213,12 +213,11 @@ fn salt(settings: &Settings, normalize: &NormalizeOptions) -> String {
     )
 }
 
-/// Opens `n` sessions of a pool at once and leaves them idle in it, for what comes next.
-/// They are handed back before this returns: a dropped session goes back to the pool in a
-/// task of its own, and a query started meanwhile would open (and wait for) one more.
+/// Opens `n` sessions of a pool at once and leaves them idle in it, for what comes next
+/// (handed back before this returns, see [`crate::db::hand_back`]).
 async fn warm_up(pool: &PgPool, n: usize) {
     let sessions = futures::future::join_all((0..n).map(|_| pool.acquire())).await;
-    for mut session in sessions.into_iter().flatten() {
-        session.return_to_pool().await;
+    for session in sessions.into_iter().flatten() {
+        crate::db::hand_back(session).await;
     }
 }

@@ -123,13 +123,7 @@ async fn sigterm_lets_the_request_in_flight_finish_and_records_it() {
     // The second POST is slow; SIGTERM arrives while it is in flight.
     sim.push_fault(Some("POST"), None, Fault::Delay { ms: 0 });
     sim.push_fault(Some("POST"), None, Fault::Delay { ms: 1500 });
-    let child = spawn_bin(&["run"], &env);
-    sim.signal_at_request(2, child.id().unwrap(), "TERM");
-
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("stops within the grace period")
-        .unwrap();
+    let out = run_until_sigterm_at_second_request(&sim, &env).await;
 
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(text(&out).contains("Stopping: finishing the requests in flight"));
@@ -160,13 +154,7 @@ async fn sigterm_with_several_batches_in_flight_lets_all_of_them_finish_and_star
     // Every answer takes a second: the first five batches (the default) are in flight at
     // the signal; the sixth waits for room.
     sim.set_latency(1000);
-    let child = spawn_bin(&["run"], &env);
-    sim.signal_at_request(2, child.id().unwrap(), "TERM");
-
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("stops within the grace period")
-        .unwrap();
+    let out = run_until_sigterm_at_second_request(&sim, &env).await;
 
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(sim.request_count(), 5, "the five in flight, none after");
@@ -582,4 +570,17 @@ async fn a_steady_error_rate_costs_retries_not_records() {
         "transient faults never make dead letters"
     );
     assert_converged(&db, &sim).await;
+}
+
+/// `run`, sent SIGTERM when its second request reaches Wazzup, to its end (within 30 s).
+async fn run_until_sigterm_at_second_request(
+    sim: &Simulator,
+    env: &[(String, String)],
+) -> std::process::Output {
+    let child = spawn_bin(&["run"], env);
+    sim.signal_at_request(2, child.id().unwrap(), "TERM");
+    tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("stops within the grace period")
+        .unwrap()
 }
