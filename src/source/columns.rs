@@ -1,5 +1,6 @@
 //! Reading the three queries' columns: which exist, and each value as text or boolean
-//! (integer, uuid and char(n) columns are read as text), one row at a time.
+//! (integer, uuid and char(n) columns are read as text). The accounts query is read one row
+//! at a time; users and roles one account at a time, as one row of arrays ([`grouped_sql`]).
 
 use futures::TryStreamExt;
 use sqlx::postgres::PgRow;
@@ -167,14 +168,6 @@ impl Columns {
         }
     }
 
-    /// Column `n` (of the names) of a row of this result set, when it is a bigint.
-    pub(super) fn int8(&self, row: &PgRow, n: usize) -> Result<Option<i64>, SourceError> {
-        match (self.0[n], self.1[n]) {
-            (Some(i), Some(Kind::Int8)) => Ok(row.try_get_unchecked::<Option<i64>, _>(i)?),
-            _ => Ok(None),
-        }
-    }
-
     /// Column `n` (of the names) of a row of this result set, as a boolean.
     pub(super) fn boolean(&self, row: &PgRow, n: usize) -> Result<Option<bool>, SourceError> {
         match self.0[n] {
@@ -184,38 +177,11 @@ impl Columns {
     }
 }
 
-pub(super) fn decode_user(row: &PgRow, c: &Columns) -> Result<SourceUser, SourceError> {
-    Ok(SourceUser {
-        account_id: c.text(row, 0)?,
-        id: c.text(row, 1)?,
-        name: c.text(row, 2)?,
-        phone: c.text(row, 3)?,
-        row_hash: c.int8(row, 4)?,
-        hide_phone: c.boolean(row, 5)?,
-    })
-}
-
-pub(super) fn decode_role(row: &PgRow, c: &Columns) -> Result<SourceRole, SourceError> {
-    Ok(SourceRole {
-        account_id: c.text(row, 0)?,
-        user_id: c.text(row, 1)?,
-        channel_id: c.text(row, 2)?,
-        role: c.text(row, 3)?,
-        allow_get_new_clients: c.boolean(row, 4)?,
-    })
-}
-
 /// The column the reader adds to the users query: PostgreSQL's hash of the whole row.
-pub(super) const ROW_HASH_COLUMN: &str = "wazzup_sync_row_hash";
+const ROW_HASH_COLUMN: &str = "wazzup_sync_row_hash";
 
-pub(super) const USER_COLUMNS: [&str; 6] = [
-    "account_id",
-    "id",
-    "name",
-    "phone",
-    ROW_HASH_COLUMN,
-    "hide_phone",
-];
+/// The users query's columns as the reader asks for them (the last is a boolean).
+pub(super) const USER_COLUMNS: [&str; 5] = ["account_id", "id", "name", "phone", "hide_phone"];
 pub(super) const ROLE_COLUMNS: [&str; 5] = [
     "account_id",
     "user_id",
@@ -224,35 +190,152 @@ pub(super) const ROLE_COLUMNS: [&str; 5] = [
     "allow_get_new_clients",
 ];
 
-/// A query's rows, decoded, one at a time, with one row of look-ahead.
-pub(super) struct RowReader<'c, T> {
-    pub(super) rows: futures::stream::BoxStream<'c, Result<PgRow, sqlx::Error>>,
-    pub(super) cols: Option<Columns>,
-    pub(super) shape: &'static QueryShape,
-    pub(super) names: &'static [&'static str],
-    pub(super) needs_account: bool,
-    pub(super) decode: fn(&PgRow, &Columns) -> Result<T, SourceError>,
-    pub(super) account: fn(&T) -> Option<&str>,
-    pub(super) head: Option<T>,
+/// An identifier quoted for SQL.
+fn quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-impl<'c, T> RowReader<'c, T> {
+/// The statement that reads a query one account at a time: PostgreSQL groups the rows by
+/// account and sends each account as one row holding one array per column (each value as
+/// text, the last column as a boolean), so that a thousand rows cost one row to receive and
+/// decode. `cols` are the query's columns as `probe` found them; a users query (`hash`) also
+/// gets each row's hash, computed as the fingerprints compute it. In single-account mode
+/// (`multi` false) every row is aggregated into one row. Binds `$1`: the ids of the accounts
+/// not to read.
+pub(super) fn grouped_sql(
+    query: &str,
+    cols: &Columns,
+    names: &[String],
+    hash: bool,
+    multi: bool,
+) -> String {
+    let last = cols.0.len() - 1;
+    let mut select = Vec::with_capacity(cols.0.len() + 1);
+    let account = cols.0[0].map(|i| format!("q.{}", quoted(&names[i])));
+    select.push(match (&account, multi) {
+        (Some(a), true) => format!("{a}::text COLLATE \"C\""),
+        _ => "NULL::text".to_string(),
+    });
+    for (n, idx) in cols.0.iter().enumerate().skip(1) {
+        select.push(match (idx, n == last) {
+            (Some(i), false) => format!("array_agg(q.{}::text)", quoted(&names[*i])),
+            (Some(i), true) => format!("array_agg(q.{})", quoted(&names[*i])),
+            (None, false) => "NULL::text[]".to_string(),
+            (None, true) => "NULL::bool[]".to_string(),
+        });
+    }
+    if hash {
+        select.push(format!(
+            "array_agg(hashtextextended(q::text, 0)) AS {ROW_HASH_COLUMN}"
+        ));
+    }
+    let select = select.join(", ");
+    match account.filter(|_| multi) {
+        Some(a) => format!(
+            "SELECT {select} FROM ({query}) AS q \
+             WHERE {a} IS NULL OR NOT ({a}::text = ANY($1::text[])) \
+             GROUP BY 1 ORDER BY 1"
+        ),
+        None => format!("SELECT {select} FROM ({query}) AS q"),
+    }
+}
+
+/// Checks a query's columns and their types without running it (`LIMIT 0`): the required
+/// ones, `account_id` when rows are grouped by account, and the types of all of them.
+/// Returns the positions and kinds, and the names as the query spells them.
+pub(super) async fn probe(
+    conn: &mut sqlx::PgConnection,
+    query: &str,
+    shape: &'static QueryShape,
+    names: &[&'static str],
+    needs_account: bool,
+) -> Result<(Columns, Vec<String>), SourceError> {
+    let row = super::crm_query(format!(
+        "SELECT q.* FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT * FROM ({query}) AS q LIMIT 0) AS q ON true"
+    ))
+    .fetch_one(conn)
+    .await
+    .map_err(in_query(shape.name))?;
+    let cols = Columns::of(&row, shape, names)?;
+    if needs_account && cols.0[0].is_none() {
+        return Err(SourceError::MissingColumn {
+            query: shape.name,
+            column: "account_id",
+        });
+    }
+    let spelled = row.columns().iter().map(|c| c.name().to_string()).collect();
+    Ok((cols, spelled))
+}
+
+/// One column of a grouped row: its values, none when the query has no such column.
+fn array<T>(row: &PgRow, i: usize) -> Result<std::vec::IntoIter<Option<T>>, sqlx::Error>
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
+    Ok(row
+        .try_get_unchecked::<Option<Vec<Option<T>>>, _>(i)?
+        .unwrap_or_default()
+        .into_iter())
+}
+
+/// One account's users from a grouped row (see [`grouped_sql`]).
+pub(super) fn decode_users(row: &PgRow) -> Result<Group<SourceUser>, sqlx::Error> {
+    let account: Option<String> = row.try_get_unchecked(0)?;
+    let (mut names, mut phones) = (array::<String>(row, 2)?, array::<String>(row, 3)?);
+    let mut hide = array::<bool>(row, 4)?;
+    let hashes = array::<i64>(row, 5)?;
+    let users = array::<String>(row, 1)?
+        .zip(hashes)
+        .map(|(id, row_hash)| SourceUser {
+            account_id: account.clone(),
+            id,
+            name: names.next().flatten(),
+            phone: phones.next().flatten(),
+            hide_phone: hide.next().flatten(),
+            row_hash,
+        })
+        .collect();
+    Ok((account, users))
+}
+
+/// One account's role rows from a grouped row (see [`grouped_sql`]).
+pub(super) fn decode_roles(row: &PgRow) -> Result<Group<SourceRole>, sqlx::Error> {
+    let account: Option<String> = row.try_get_unchecked(0)?;
+    let (mut channels, mut roles) = (array::<String>(row, 2)?, array::<String>(row, 3)?);
+    let mut allow = array::<bool>(row, 4)?;
+    let rows = array::<String>(row, 1)?
+        .map(|user_id| SourceRole {
+            account_id: account.clone(),
+            user_id,
+            channel_id: channels.next().flatten(),
+            role: roles.next().flatten(),
+            allow_get_new_clients: allow.next().flatten(),
+        })
+        .collect();
+    Ok((account, rows))
+}
+
+/// One account's rows: its id (None for rows without one) and the rows.
+pub(super) type Group<T> = (Option<String>, Vec<T>);
+
+/// A grouped query's accounts, one at a time, with one account of look-ahead.
+pub(super) struct GroupReader<'c, T> {
+    rows: futures::stream::BoxStream<'c, Result<PgRow, sqlx::Error>>,
+    query: &'static str,
+    decode: fn(&PgRow) -> Result<Group<T>, sqlx::Error>,
+    pub(super) head: Option<Group<T>>,
+}
+
+impl<'c, T> GroupReader<'c, T> {
     pub(super) fn new(
         rows: futures::stream::BoxStream<'c, Result<PgRow, sqlx::Error>>,
-        shape: &'static QueryShape,
-        names: &'static [&'static str],
-        needs_account: bool,
-        decode: fn(&PgRow, &Columns) -> Result<T, SourceError>,
-        account: fn(&T) -> Option<&str>,
+        query: &'static str,
+        decode: fn(&PgRow) -> Result<Group<T>, sqlx::Error>,
     ) -> Self {
         Self {
             rows,
-            cols: None,
-            shape,
-            names,
-            needs_account,
+            query,
             decode,
-            account,
             head: None,
         }
     }
@@ -260,53 +343,34 @@ impl<'c, T> RowReader<'c, T> {
     /// Takes every remaining row.
     pub(super) async fn take_all(&mut self) -> Result<Vec<T>, SourceError> {
         let mut out = Vec::new();
-        while let Some(h) = self.head.take() {
-            out.push(h);
+        while let Some((_, rows)) = self.head.take() {
+            out.extend(rows);
             self.advance().await?;
         }
         Ok(out)
     }
 
     pub(super) async fn advance(&mut self) -> Result<(), SourceError> {
-        let next = self
-            .rows
-            .try_next()
-            .await
-            .map_err(in_query(self.shape.name))?;
-        self.head = match next {
-            None => None,
-            Some(row) => {
-                if self.cols.is_none() {
-                    let c = Columns::of(&row, self.shape, self.names)?;
-                    if self.needs_account && c.0[0].is_none() {
-                        return Err(SourceError::MissingColumn {
-                            query: self.shape.name,
-                            column: "account_id",
-                        });
-                    }
-                    self.cols = Some(c);
-                }
-                Some((self.decode)(&row, self.cols.as_ref().expect("columns"))?)
-            }
-        };
+        let next = self.rows.try_next().await.map_err(in_query(self.query))?;
+        self.head = next
+            .map(|row| (self.decode)(&row))
+            .transpose()
+            .map_err(in_query(self.query))?;
         Ok(())
     }
 
-    /// The account of the next row: Some(None) for a row without one, None at the end.
+    /// The account of the next group: Some(None) for rows without one, None at the end.
     pub(super) fn next_account(&self) -> Option<Option<&str>> {
-        self.head.as_ref().map(|h| (self.account)(h))
+        self.head.as_ref().map(|(account, _)| account.as_deref())
     }
 
-    /// Takes every row of `account` (rows arrive ordered by account).
+    /// Takes the rows of `account` (groups arrive ordered by account, each once).
     pub(super) async fn take(&mut self, account: Option<&str>) -> Result<Vec<T>, SourceError> {
-        let mut out = Vec::new();
-        while let Some(h) = &self.head {
-            if (self.account)(h) != account {
-                break;
-            }
-            out.push(self.head.take().expect("head"));
-            self.advance().await?;
+        if self.next_account() != Some(account) {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        let (_, rows) = self.head.take().expect("head");
+        self.advance().await?;
+        Ok(rows)
     }
 }

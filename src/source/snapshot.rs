@@ -1,8 +1,9 @@
 //! The CRM read as one consistent snapshot and handed over one account at a time, so memory
 //! holds a few accounts, not the whole CRM.
 //!
-//! Users and roles are read ordered by account on two sessions sharing one exported snapshot
-//! (REPEATABLE READ, READ ONLY); the two streams are merged by account. PostgreSQL first
+//! Users and roles are read grouped by account (one row of arrays per account) on two
+//! sessions sharing one exported snapshot (REPEATABLE READ, READ ONLY); the two streams are
+//! merged by account. PostgreSQL first
 //! fingerprints every account's rows in the same snapshot, so accounts whose rows did not
 //! change since their last clean cycle are neither sent by PostgreSQL nor decoded here.
 
@@ -16,14 +17,14 @@ use tokio::sync::mpsc::Sender;
 
 use super::accounts::read_accounts;
 use super::columns::{
-    ROLE_COLUMNS, ROLES_SHAPE, ROW_HASH_COLUMN, RowReader, USER_COLUMNS, USERS_SHAPE, decode_role,
-    decode_user,
+    Group, GroupReader, QueryShape, ROLE_COLUMNS, ROLES_SHAPE, USER_COLUMNS, USERS_SHAPE,
+    decode_roles, decode_users, grouped_sql, probe,
 };
 use super::{
     AccountRows, ReadSummary, SkipUnchanged, SourceAccount, SourceError, crm_query, in_query,
 };
 use crate::config::Settings;
-use crate::domain::{SourceRole, SourceUser, content_hash, token_fingerprint};
+use crate::domain::{content_hash, token_fingerprint};
 
 /// Starts reading the CRM. In single-account mode (`single`) the accounts query is not run
 /// and every row belongs to that account. At most `ahead` accounts wait in the channel.
@@ -184,7 +185,7 @@ fn choose(
     to_read
 }
 
-/// Streams users and roles ordered by account, merges them, and hands each account over;
+/// Streams users and roles grouped by account, merges them, and hands each account over;
 /// then the accounts without a single row (their users may have left).
 #[allow(clippy::too_many_arguments)]
 async fn merge(
@@ -197,8 +198,26 @@ async fn merge(
     handover: &Handover,
     summary: &mut ReadSummary,
 ) -> Result<(), SourceError> {
-    let mut users = users_reader(a, settings, multi, quiet);
-    let mut roles = roles_reader(b, settings, multi, quiet);
+    let mut users = grouped(
+        a,
+        &settings.source.users_query,
+        &USERS_SHAPE,
+        &USER_COLUMNS,
+        multi,
+        quiet,
+        decode_users,
+    )
+    .await?;
+    let mut roles = grouped(
+        b,
+        &settings.source.roles_query,
+        &ROLES_SHAPE,
+        &ROLE_COLUMNS,
+        multi,
+        quiet,
+        decode_roles,
+    )
+    .await?;
     users.advance().await?;
     roles.advance().await?;
     while let Some(key) = next_account(&users, &roles, multi, &to_read) {
@@ -254,8 +273,8 @@ async fn merge(
 /// The account whose rows come next: Some(None) for rows without an account, None at the end.
 /// In single-account mode every row is the one account's, whatever its account_id.
 fn next_account<U, R>(
-    users: &RowReader<'_, U>,
-    roles: &RowReader<'_, R>,
+    users: &GroupReader<'_, U>,
+    roles: &GroupReader<'_, R>,
     multi: bool,
     to_read: &ToRead,
 ) -> Option<Option<String>> {
@@ -277,55 +296,36 @@ fn next_account<U, R>(
     }
 }
 
-/// A query's rows ordered by account, without the unchanged accounts' rows: byte order
-/// (COLLATE "C"), so both streams and the merge agree on the order.
-fn ordered<'c>(
+/// A query read one account at a time (see `grouped_sql`): its columns checked first, in the
+/// same snapshot, then its accounts in byte order (COLLATE "C"), without the unchanged
+/// accounts' rows, so both streams and the merge agree on the order.
+async fn grouped<'c, T>(
     conn: &'c mut PgConnection,
     query: &str,
+    shape: &'static QueryShape,
+    names: &[&'static str],
     multi: bool,
     quiet: &[String],
-) -> futures::stream::BoxStream<'c, Result<sqlx::postgres::PgRow, sqlx::Error>> {
-    if !multi {
-        return crm_query(query.to_string()).fetch(conn);
+    decode: fn(&sqlx::postgres::PgRow) -> Result<Group<T>, sqlx::Error>,
+) -> Result<GroupReader<'c, T>, SourceError> {
+    let (cols, spelled) = probe(&mut *conn, query, shape, names, multi).await?;
+    let hash = std::ptr::eq(shape, &USERS_SHAPE);
+    if multi {
+        // Rows sorted by account stream out one account at a time; hashing them by account
+        // would hold every account in the CRM's memory first.
+        sqlx::raw_sql("SET LOCAL enable_hashagg = off")
+            .execute(&mut *conn)
+            .await?;
     }
-    crm_query(format!(
-        "SELECT * FROM ({query}) AS q \
-         WHERE account_id IS NULL OR NOT (account_id::text = ANY($1::text[])) \
-         ORDER BY account_id::text COLLATE \"C\""
-    ))
-    .bind(quiet.to_vec())
-    .fetch(conn)
-}
-
-fn users_reader<'c>(
-    conn: &'c mut PgConnection,
-    settings: &Settings,
-    multi: bool,
-    quiet: &[String],
-) -> RowReader<'c, SourceUser> {
-    // PostgreSQL hashes each row where it is cheapest, the same way as the fingerprints: an
-    // unchanged row is then recognised without being normalized.
-    let query = format!(
-        "SELECT wazzup_sync_row.*, hashtextextended(wazzup_sync_row::text, 0) AS {ROW_HASH_COLUMN} \
-         FROM ({}) AS wazzup_sync_row",
-        settings.source.users_query
-    );
-    let rows = ordered(conn, &query, multi, quiet);
-    RowReader::new(rows, &USERS_SHAPE, &USER_COLUMNS, multi, decode_user, |u| {
-        u.account_id.as_deref()
-    })
-}
-
-fn roles_reader<'c>(
-    conn: &'c mut PgConnection,
-    settings: &Settings,
-    multi: bool,
-    quiet: &[String],
-) -> RowReader<'c, SourceRole> {
-    let rows = ordered(conn, &settings.source.roles_query, multi, quiet);
-    RowReader::new(rows, &ROLES_SHAPE, &ROLE_COLUMNS, multi, decode_role, |r| {
-        r.account_id.as_deref()
-    })
+    let sql = grouped_sql(query, &cols, &spelled, hash, multi);
+    let statement = crm_query(sql);
+    let statement = if multi {
+        statement.bind(quiet.to_vec())
+    } else {
+        statement
+    };
+    let rows = statement.fetch(conn);
+    Ok(GroupReader::new(rows, shape.name, decode))
 }
 
 /// One account's rows as PostgreSQL counts them: rows and the sum of their row hashes.

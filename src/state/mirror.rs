@@ -89,10 +89,7 @@ pub async fn load_mirror_and_phones(
     pool: &PgPool,
     account_id: &str,
 ) -> Result<(HashMap<String, String>, RememberedUsers)> {
-    let rows: Vec<RememberedRowOf> = sqlx::query_as(REMEMBERED)
-        .bind(account_id)
-        .fetch_all(pool)
-        .await?;
+    let rows = fetch_remembered(pool, account_id).await?;
     let mut mirror = HashMap::with_capacity(rows.len());
     let mut cache = RememberedUsers::with_capacity(rows.len());
     for row in rows {
@@ -106,10 +103,7 @@ pub async fn load_mirror_and_phones(
 /// What the mirror remembers of an account's users, for normalization to reuse (a dry run's
 /// view, which may come before the state schema exists).
 pub async fn load_remembered(pool: &PgPool, account_id: &str) -> Result<RememberedUsers> {
-    let rows: std::result::Result<Vec<RememberedRowOf>, sqlx::Error> = sqlx::query_as(REMEMBERED)
-        .bind(account_id)
-        .fetch_all(pool)
-        .await;
+    let rows = fetch_remembered(pool, account_id).await;
     Ok(not_migrated_yet(rows)?
         .into_iter()
         .map(|row| {
@@ -131,9 +125,61 @@ type RememberedRowOf = (
     Option<bool>,
 );
 
-const REMEMBERED: &str =
-    "SELECT user_id, hash, phone_source, phone, phone_valid, source_hash, name, hide_phone
-     FROM mirror_users WHERE account_id = $1";
+/// The account's mirror rows, sent by PostgreSQL as one row of columns (one array per column):
+/// a thousand users cost one row to receive and decode instead of a thousand.
+async fn fetch_remembered(
+    pool: &PgPool,
+    account_id: &str,
+) -> std::result::Result<Vec<RememberedRowOf>, sqlx::Error> {
+    type Columns = (
+        Option<Vec<String>>,
+        Option<Vec<String>>,
+        Option<Vec<Option<String>>>,
+        Option<Vec<Option<String>>>,
+        Option<Vec<Option<bool>>>,
+        Option<Vec<Option<i64>>>,
+        Option<Vec<Option<String>>>,
+        Option<Vec<Option<bool>>>,
+    );
+    let (ids, hashes, sources, phones, valid, source_hashes, names, hide): Columns =
+        sqlx::query_as(
+            "SELECT array_agg(user_id), array_agg(hash), array_agg(phone_source), array_agg(phone),
+                    array_agg(phone_valid), array_agg(source_hash), array_agg(name),
+                    array_agg(hide_phone)
+             FROM mirror_users WHERE account_id = $1",
+        )
+        .bind(account_id)
+        .fetch_one(pool)
+        .await?;
+    let ids = ids.unwrap_or_default();
+    let n = ids.len();
+    let mut hashes = hashes.unwrap_or_default().into_iter();
+    let mut sources = sources.unwrap_or_default().into_iter();
+    let mut phones = phones.unwrap_or_default().into_iter();
+    let mut valid = valid.unwrap_or_default().into_iter();
+    let mut source_hashes = source_hashes.unwrap_or_default().into_iter();
+    let mut names = names.unwrap_or_default().into_iter();
+    let mut hide = hide.unwrap_or_default().into_iter();
+    let mut rows = Vec::with_capacity(n);
+    for id in ids {
+        // Every array has one element per row: PostgreSQL aggregates them in one pass.
+        let (Some(hash), Some(source), Some(phone), Some(valid), Some(sh), Some(name), Some(h)) = (
+            hashes.next(),
+            sources.next(),
+            phones.next(),
+            valid.next(),
+            source_hashes.next(),
+            names.next(),
+            hide.next(),
+        ) else {
+            return Err(sqlx::Error::Protocol(
+                "the mirror's columns came back with different lengths".into(),
+            ));
+        };
+        rows.push((id, hash, source, phone, valid, sh, name, h));
+    }
+    Ok(rows)
+}
 
 /// A mirror row: its user id, and its hash with what normalization may reuse. A row is only
 /// remembered whole (name, flag and source hash all known).
