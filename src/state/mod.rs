@@ -53,6 +53,10 @@ pub fn connect(settings: &Settings) -> std::result::Result<PgPool, sqlx::Error> 
         .max_connections(pool_size(settings))
         .acquire_timeout(Duration::from_secs(settings.state.connect_timeout_secs))
         .idle_timeout(crate::db::IDLE_TIMEOUT)
+        // sqlx already checks a session when it goes back to the pool; checking it again when
+        // it is taken would cost every state query a second round trip. A session that died
+        // in between fails its query, and that account's cycle says so and is retried.
+        .test_before_acquire(false)
         .after_connect(move |conn, _| {
             let schema = schema.clone();
             Box::pin(async move {

@@ -834,6 +834,79 @@ async fn integer_and_uuid_columns_are_read_as_text_in_multi_account_mode() {
 }
 
 #[tokio::test]
+async fn columns_of_any_case_and_text_like_type_are_read_per_account() {
+    let db = TestDb::new().await;
+    db.exec(
+        "CREATE TABLE companies (id int8, token text);
+         CREATE TABLE staff (company_id int8, id int8, full_name varchar(40), mobile char(16),
+                             hidden boolean);
+         INSERT INTO companies VALUES (1, 'tok-1'), (2, 'tok-2'), (3, 'tok-3');
+         INSERT INTO staff VALUES (2, 21, 'Twenty-one', '+37126123456', true),
+                                  (1, 11, 'Eleven', NULL, NULL),
+                                  (2, 22, 'Twenty-two', '+37126123457', false),
+                                  (1, 12, 'Twelve', '+37126123458', NULL);",
+    )
+    .await;
+    let sim = simulator().await;
+    for t in ["tok-1", "tok-2", "tok-3"] {
+        sim.add_account(t);
+    }
+    let env = [
+        (
+            "WAZZUP_SYNC__SOURCE__ACCOUNTS_QUERY",
+            "SELECT id AS account_id, token FROM companies",
+        ),
+        (
+            "WAZZUP_SYNC__SOURCE__USERS_QUERY",
+            "SELECT company_id AS account_id, id AS \"ID\", full_name AS \"Name\", mobile AS \"Phone\", hidden AS \"Hide_Phone\" FROM staff",
+        ),
+        (
+            "WAZZUP_SYNC__SOURCE__ROLES_QUERY",
+            "SELECT company_id AS account_id, id AS \"User_Id\", 'ch-' || company_id AS channel_id, 'seller'::varchar AS \"ROLE\", NULL::boolean AS allow_get_new_clients FROM staff",
+        ),
+    ];
+
+    let report = sync(&db, &sim, &env).await;
+
+    assert!(report.all_ok(), "{report:?}");
+    let one = sim.users("tok-1");
+    let two = sim.users("tok-2");
+    assert_eq!(one.len(), 2);
+    assert_eq!(one["11"].name, "Eleven");
+    assert_eq!(one["11"].phone, None);
+    assert_eq!(
+        one["12"].phone.as_deref(),
+        Some("37126123458"),
+        "char(16)'s padding is not part of the phone"
+    );
+    assert_eq!(two["21"].name, "Twenty-one");
+    assert!(sim.users("tok-3").is_empty());
+    assert_eq!(
+        sim.settings("tok-2").hide_phone_numbers_for_user_ids,
+        ["21"]
+    );
+    let roles: Vec<(String, String)> = sim
+        .settings("tok-2")
+        .user_roles
+        .iter()
+        .map(|r| (r.user_id.clone(), r.channel_id.clone()))
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("21".to_string(), "ch-2".to_string()),
+            ("22".into(), "ch-2".into())
+        ]
+    );
+    // Read again with nothing changed: every row is recognised.
+    let again = sync(&db, &sim, &env).await;
+    assert!(
+        again.accounts.iter().all(|a| a.source_unchanged),
+        "{again:?}"
+    );
+}
+
+#[tokio::test]
 async fn an_account_whose_rows_did_not_change_is_not_read_again_until_something_changes() {
     let db = TestDb::with_crm().await;
     let sim = simulator().await;
