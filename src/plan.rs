@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::Serialize;
 
 use crate::domain::{
-    Entity, Normalized, Role, RoleEntry, SettingsDoc, ValidUser, mask_phone, reach,
+    Entity, Mirror, Normalized, Role, RoleEntry, SettingsDoc, SettingsDocRef, ValidUser,
+    mask_phone, reach,
 };
 
 /// Record id of the account's whole settings document in the dead-letter table.
@@ -52,7 +53,7 @@ fn is_waiting(waiting: &Waiting, entity: Entity, id: &str, hash: &str) -> bool {
 /// Diffs the valid users against the mirror and the open dead letters.
 pub fn plan_users<'a>(
     norm: &'a Normalized,
-    mirror: &HashMap<String, String>,
+    mirror: &Mirror,
     pending: &HashSet<String>,
     waiting: &Waiting,
     delete_missing: bool,
@@ -104,37 +105,35 @@ pub fn plan_users<'a>(
 ///
 /// A user refused locally but still in Wazzup keeps the roles it was last synced with,
 /// so a broken CRM row never silently strips someone's access.
-pub fn settings_doc(
-    norm: &Normalized,
+pub fn settings_doc<'a>(
+    norm: &'a Normalized,
     in_wazzup: &HashSet<&str>,
-    previous: Option<&SettingsDoc>,
+    previous: Option<&'a SettingsDoc>,
     push_events_for_managers: bool,
-) -> SettingsDoc {
-    let mut doc = SettingsDoc {
+) -> SettingsDocRef<'a> {
+    let mut doc = SettingsDocRef {
         user_roles: norm
             .roles
             .iter()
             .filter(|r| in_wazzup.contains(r.user_id.as_str()))
-            .cloned()
             .collect(),
         hide_phone_numbers_for_user_ids: norm
             .users
             .iter()
             .filter(|u| u.hide_phone && in_wazzup.contains(u.payload.id.as_str()))
-            .map(|u| u.payload.id.clone())
+            .map(|u| u.payload.id.as_str())
             .collect(),
         push_input_output_message_events_for_managers: push_events_for_managers,
     };
     if let Some(prev) = previous {
-        let kept =
-            |id: &String| norm.rejected_user_ids.contains(id) && in_wazzup.contains(id.as_str());
+        let kept = |id: &str| norm.rejected_user_ids.contains(id) && in_wazzup.contains(id);
         doc.user_roles
-            .extend(prev.user_roles.iter().filter(|r| kept(&r.user_id)).cloned());
+            .extend(prev.user_roles.iter().filter(|r| kept(&r.user_id)));
         doc.hide_phone_numbers_for_user_ids.extend(
             prev.hide_phone_numbers_for_user_ids
                 .iter()
-                .filter(|id| kept(id))
-                .cloned(),
+                .map(String::as_str)
+                .filter(|id| kept(id)),
         );
     }
     doc.canonicalize();
@@ -431,7 +430,7 @@ mod tests {
     #[test]
     fn new_changed_unchanged_and_gone_users_are_told_apart() {
         let n = norm(&["1", "2", "3"]);
-        let mut mirror = HashMap::new();
+        let mut mirror = Mirror::default();
         mirror.insert("1".to_string(), n.users[0].hash.clone());
         mirror.insert("2".to_string(), "old".to_string());
         mirror.insert("9".to_string(), "x".to_string());
@@ -454,8 +453,7 @@ mod tests {
     #[test]
     fn the_guard_holds_back_mass_deletion_unless_allowed() {
         let n = norm(&[]);
-        let mirror: HashMap<String, String> =
-            (0..10).map(|i| (i.to_string(), "h".to_string())).collect();
+        let mirror: Mirror = (0..10).map(|i| (i.to_string(), "h".to_string())).collect();
         let p = plan_users(&n, &mirror, &HashSet::new(), &Waiting::new(), true, GUARD);
         assert_eq!(p.deletes_blocked, Some((10, 10)));
         assert!(p.deletes.is_empty());
@@ -481,7 +479,7 @@ mod tests {
         };
         let p = plan_users(
             &n,
-            &HashMap::new(),
+            &Mirror::default(),
             &HashSet::new(),
             &waiting(&n.users[0].hash),
             true,
@@ -490,7 +488,7 @@ mod tests {
         assert_eq!((p.waiting, p.creates.len()), (1, 0));
         let p = plan_users(
             &n,
-            &HashMap::new(),
+            &Mirror::default(),
             &HashSet::new(),
             &waiting("other"),
             true,
@@ -583,7 +581,7 @@ mod tests {
         n.users[2].payload.phone = Some("37126123456".into());
         n.users[2].hash = "new".into();
         n.users[1].unreadable_phone = Some("12".into());
-        let mut mirror = HashMap::new();
+        let mut mirror = Mirror::default();
         mirror.insert("1".to_string(), n.users[0].hash.clone());
         mirror.insert("3".to_string(), "old".to_string());
         mirror.insert("9".to_string(), "old".to_string());

@@ -11,13 +11,16 @@ pub mod settings;
 pub mod user;
 
 pub use hash::{content_hash, json_hash, salt_key, token_fingerprint};
+
+/// The mirror of one account: user id → hash of the payload Wazzup acknowledged.
+pub type Mirror = foldhash::HashMap<String, String>;
 pub use normalize::{NormalizeOptions, Normalized, normalize_account};
 pub use phone::{
     Phone, PhoneReading, Remembered, RememberedRow, RememberedUsers, mask_digits, mask_phone,
     mask_raw_phone, normalize_phone, phone_source,
 };
 pub use role::{Role, RoleEntry, RoleRefusal, reach, read_role};
-pub use settings::{SettingsDoc, settings_hash};
+pub use settings::{SettingsDoc, SettingsDocRef, settings_hash};
 pub use user::{
     MAX_ID_CHARS, MAX_NAME_CHARS, UserPayload, ValidUser, clip, compare_ids, user_hash,
 };

@@ -152,6 +152,7 @@ fn unchanged_user(
         phone_valid,
         unreadable_phone: None,
         source_hash: Some(salted),
+        row_remembered: true,
     })
 }
 
@@ -194,6 +195,7 @@ fn read_user(
         phone_valid,
         unreadable_phone,
         source_hash: u.row_hash.map(|h| h ^ opts.row_salt),
+        row_remembered: false,
     }
 }
 
@@ -294,7 +296,7 @@ mod tests {
             ],
             &[],
             &ru(),
-            &RememberedUsers::new(),
+            &RememberedUsers::default(),
         );
         let ids: Vec<_> = n.users.iter().map(|u| u.payload.id.as_str()).collect();
         assert_eq!(ids, ["1", "2"]);
@@ -305,7 +307,7 @@ mod tests {
 
     #[test]
     fn an_unchanged_phone_is_taken_from_the_cache_and_a_changed_one_is_read_again() {
-        let mut cache = RememberedUsers::new();
+        let mut cache = RememberedUsers::default();
         let key = phone_source("+371 26 123 456", Some(Region::RU));
         // A cached reading that parsing would never give, to prove the cache was used.
         cache.insert(
@@ -345,7 +347,7 @@ mod tests {
     /// A cache entry for user "1" remembering a row hashed `42` under `ru()`'s salt, with a
     /// name and phone that normalization of the row would never give.
     fn remembered_row() -> RememberedUsers {
-        let mut cache = RememberedUsers::new();
+        let mut cache = RememberedUsers::default();
         cache.insert(
             "1".into(),
             Remembered {
@@ -420,7 +422,7 @@ mod tests {
             &[user("1", "A", Some("n/a"))],
             &[],
             &ru(),
-            &RememberedUsers::new(),
+            &RememberedUsers::default(),
         );
         assert_eq!(n.users[0].payload.phone, None);
         assert_eq!(n.users[0].unreadable_phone.as_deref(), Some("n/a"));
@@ -437,7 +439,7 @@ mod tests {
             ],
             &[],
             &ru(),
-            &RememberedUsers::new(),
+            &RememberedUsers::default(),
         );
         assert_eq!(n.users.len(), 1);
         assert_eq!(n.users[0].payload.id, "9");
@@ -457,7 +459,7 @@ mod tests {
             ],
             &[],
             &ru(),
-            &RememberedUsers::new(),
+            &RememberedUsers::default(),
         );
         let kept: Vec<_> = n.users.iter().map(|u| u.payload.id.as_str()).collect();
         assert_eq!(kept, ["11", "9"], "sorted by id as text");
@@ -476,7 +478,7 @@ mod tests {
             ],
             &[role("1", "ch", "seller")],
             &ru(),
-            &RememberedUsers::new(),
+            &RememberedUsers::default(),
         );
         assert_eq!(n.users.len(), 1);
         let dups: Vec<_> = n
@@ -508,7 +510,7 @@ mod tests {
                 role("7", "c1", "seller"),
             ],
             &opts,
-            &RememberedUsers::new(),
+            &RememberedUsers::default(),
         );
         assert_eq!(n.roles.len(), 2);
         assert_eq!(n.roles[1].role, Role::Manager);
@@ -529,7 +531,7 @@ mod tests {
                 role("1", "c2", "auditor"),
             ],
             &ru(),
-            &RememberedUsers::new(),
+            &RememberedUsers::default(),
         );
         assert_eq!(n.roles.len(), 1);
         assert_eq!(n.roles[0].channel_id, "c2");
@@ -550,7 +552,7 @@ mod tests {
             ],
             &[],
             &ru(),
-            &RememberedUsers::new(),
+            &RememberedUsers::default(),
         );
         assert_eq!(n.users.len(), 2, "SQL-looking and bidi names are data");
         assert_eq!(n.rejected.len(), 3);

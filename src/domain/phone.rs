@@ -1,7 +1,5 @@
 //! Phone numbers: the CRM's text read into international digits, and masks for logs.
 
-use std::collections::HashMap;
-
 use phonenumber::country::Id as Region;
 
 /// A phone read in an earlier cycle: its source (the cache's key), its international digits
@@ -11,7 +9,7 @@ pub type PhoneReading = (String, Option<String>, bool);
 /// What the mirror remembers of each user Wazzup acknowledged, by user id: the phone it was
 /// read from, and the CRM row it came from. A phone whose source is unchanged is not parsed
 /// again; a row that is unchanged is not normalized again.
-pub type RememberedUsers = HashMap<String, Remembered>;
+pub type RememberedUsers = foldhash::HashMap<String, Remembered>;
 
 /// What the mirror remembers of one user.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -1,7 +1,7 @@
 //! The account's settings document: who has which role on which channel, and whose contacts'
 //! phones are hidden. The document is built in [`crate::plan::settings_doc`]; here, its hash.
 
-pub use wazzup_api::SettingsDoc;
+pub use wazzup_api::{SettingsDoc, SettingsDocRef};
 
 use super::hash::json_hash;
 

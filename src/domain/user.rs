@@ -28,6 +28,8 @@ pub struct ValidUser {
     pub unreadable_phone: Option<String>,
     /// The salted hash of the CRM row this user was made from, when PostgreSQL computed it.
     pub source_hash: Option<i64>,
+    /// True when the mirror already remembers that very row (the user was not read again).
+    pub row_remembered: bool,
 }
 
 /// The hash the mirror keeps for a payload Wazzup acknowledged.

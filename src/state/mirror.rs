@@ -15,11 +15,11 @@ macro_rules! users_table {
          AS u(id, hash, source, phone, valid, name, source_hash, hide)"
     };
 }
-use crate::domain::{Remembered, RememberedRow, RememberedUsers, ValidUser};
+use crate::domain::{Mirror, Remembered, RememberedRow, RememberedUsers, ValidUser};
 use crate::plan::LastPushed;
 
 /// The mirror of one account: user id → hash of the payload Wazzup acknowledged.
-pub async fn load_mirror(pool: &PgPool, account_id: &str) -> Result<HashMap<String, String>> {
+pub async fn load_mirror(pool: &PgPool, account_id: &str) -> Result<Mirror> {
     let rows: Vec<(String, String)> =
         sqlx::query_as("SELECT user_id, hash FROM mirror_users WHERE account_id = $1")
             .bind(account_id)
@@ -88,10 +88,10 @@ pub async fn load_pending(pool: &PgPool, account_id: &str) -> Result<HashSet<Str
 pub async fn load_mirror_and_phones(
     pool: &PgPool,
     account_id: &str,
-) -> Result<(HashMap<String, String>, RememberedUsers)> {
+) -> Result<(Mirror, RememberedUsers)> {
     let rows = fetch_remembered(pool, account_id).await?;
-    let mut mirror = HashMap::with_capacity(rows.len());
-    let mut cache = RememberedUsers::with_capacity(rows.len());
+    let mut mirror = Mirror::with_capacity_and_hasher(rows.len(), Default::default());
+    let mut cache = RememberedUsers::with_capacity_and_hasher(rows.len(), Default::default());
     for row in rows {
         let (id, remembered) = remembered(row);
         cache.insert(id.clone(), remembered.1);

@@ -1,15 +1,13 @@
 //! One account's cycle, as its list of stages: the token's cool-down, local rejections, drift
 //! repair (reconcile), the plan, users, dead letters that closed, settings, deletes, the end.
 
-use std::collections::HashMap;
-
 use chrono::Utc;
 use wazzup_api::{Account, RequestStats};
 
 use super::report::{AccountOutcome, AccountReport};
 use super::{CycleOptions, Engine, Stop};
 use crate::domain::{
-    Normalized, RememberedUsers, SourceRole, SourceUser, ValidUser, normalize_account,
+    Mirror, Normalized, RememberedUsers, SourceRole, SourceUser, ValidUser, normalize_account,
     token_fingerprint,
 };
 use crate::plan::{self, DeleteGuard, UserPlan};
@@ -91,7 +89,7 @@ impl Engine {
         api: Account<'_>,
         source_fingerprint: &str,
         norm: &Normalized,
-        mut mirror: HashMap<String, String>,
+        mut mirror: Mirror,
         opts: &CycleOptions,
         report: &mut AccountReport,
     ) -> Result<AccountOutcome, StateError> {
@@ -172,7 +170,7 @@ impl Engine {
     fn plan_for<'n>(
         &self,
         job: &Job<'n>,
-        mirror: &HashMap<String, String>,
+        mirror: &Mirror,
         pending: &std::collections::HashSet<String>,
         report: &mut AccountReport,
     ) -> UserPlan<'n> {
@@ -245,13 +243,14 @@ impl Engine {
 /// this salt): their row is recorded, so that it is recognised next cycle.
 fn unremembered_rows<'n>(
     norm: &'n Normalized,
-    mirror: &HashMap<String, String>,
+    mirror: &Mirror,
     remembered: &RememberedUsers,
 ) -> Vec<&'n ValidUser> {
     norm.users
         .iter()
         .filter(|u| {
-            u.source_hash.is_some()
+            !u.row_remembered
+                && u.source_hash.is_some()
                 && mirror.get(&u.payload.id) == Some(&u.hash)
                 && remembered
                     .get(&u.payload.id)

@@ -1,15 +1,13 @@
 //! The deletes stage: users who left the CRM deleted from Wazzup, in batches, after the
 //! settings stopped referencing them.
 
-use std::collections::HashMap;
-
 use wazzup_api::ApiError;
 
 use super::account::Job;
 use super::batch::{BatchQueue, Refusal, Verdict};
 use super::report::AccountReport;
 use super::{Engine, Stop};
-use crate::domain::{Entity, content_hash};
+use crate::domain::{Entity, Mirror, content_hash};
 use crate::state::{self, RemoteRejection, Resolution, StateError};
 
 impl Engine {
@@ -18,7 +16,7 @@ impl Engine {
         &self,
         job: &Job<'_>,
         ids: &[String],
-        mirror: &HashMap<String, String>,
+        mirror: &Mirror,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
         let id = job.id();
@@ -58,7 +56,7 @@ impl Engine {
         account_id: &str,
         user_id: &str,
         e: &ApiError,
-        mirror: &HashMap<String, String>,
+        mirror: &Mirror,
         report: &mut AccountReport,
     ) -> Result<(), StateError> {
         let one = [user_id.to_string()];

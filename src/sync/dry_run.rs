@@ -65,7 +65,8 @@ impl Engine {
             &in_wazzup,
             last.settings_doc.as_ref(),
             account.push_input_output_message_events_for_managers,
-        );
+        )
+        .to_owned_doc();
         report.settings_changed =
             last.settings_hash.as_deref() != Some(settings_hash(&doc).as_str());
         if opts.detail {

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use super::Engine;
 use super::account::Job;
 use super::report::AccountReport;
-use crate::domain::Entity;
+use crate::domain::{Entity, Mirror};
 use crate::plan::{SETTINGS_RECORD, Waiting};
 use crate::state::{self, DeadLetterKind, OpenDeadLetter, Resolution, StateError};
 
@@ -66,7 +66,7 @@ impl Engine {
     pub(super) async fn close_dead_letters(
         &self,
         job: &Job<'_>,
-        mirror: &HashMap<String, String>,
+        mirror: &Mirror,
     ) -> Result<(), StateError> {
         let norm = job.norm;
         let crm_ids = crm_user_ids(job);

@@ -1,14 +1,14 @@
 //! The settings stage: the account's whole settings document, over the users that are in
 //! Wazzup, pushed when its hash changed (and it was not refused with this very content).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use wazzup_api::ApiError;
 
 use super::account::Job;
 use super::report::AccountReport;
 use super::{Engine, Stop};
-use crate::domain::{Entity, SettingsDoc, content_hash, mask_digits};
+use crate::domain::{Entity, Mirror, SettingsDocRef, content_hash, mask_digits};
 use crate::plan::{self, SETTINGS_RECORD};
 use crate::state::{self, AccountState, RemoteRejection, Resolution, StateError};
 
@@ -18,7 +18,7 @@ impl Engine {
     pub(super) async fn settings_stage(
         &self,
         job: &Job<'_>,
-        mirror: &HashMap<String, String>,
+        mirror: &Mirror,
         deletes: &[String],
         last: &AccountState,
         blocked: bool,
@@ -67,7 +67,7 @@ impl Engine {
     async fn push_settings(
         &self,
         job: &Job<'_>,
-        doc: &SettingsDoc,
+        doc: &SettingsDocRef<'_>,
         json: Vec<u8>,
         hash: &str,
         report: &mut AccountReport,

@@ -14,7 +14,7 @@ use super::batch::{BatchQueue, Next, Refusal, Verdict};
 use super::progress::Progress;
 use super::report::AccountReport;
 use super::{Engine, Stop};
-use crate::domain::{Entity, ValidUser, mask_digits};
+use crate::domain::{Entity, Mirror, ValidUser, mask_digits};
 use crate::plan::UserPlan;
 use crate::state::{self, RemoteRejection, StateError};
 
@@ -37,7 +37,7 @@ impl Engine {
         &self,
         job: &Job<'_>,
         plan: &UserPlan<'_>,
-        mirror: &mut HashMap<String, String>,
+        mirror: &mut Mirror,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
         let mut due: Vec<&ValidUser> = plan.updates.clone();

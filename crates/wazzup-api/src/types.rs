@@ -70,9 +70,74 @@ impl SettingsDoc {
     }
 }
 
+/// A settings document that borrows its entries: the same JSON as [`SettingsDoc`], built without
+/// copying every role of an account.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SettingsDocRef<'a> {
+    pub user_roles: Vec<&'a RoleEntry>,
+    pub hide_phone_numbers_for_user_ids: Vec<&'a str>,
+    pub push_input_output_message_events_for_managers: bool,
+}
+
+impl SettingsDocRef<'_> {
+    /// Sorts and dedups both lists, as [`SettingsDoc::canonicalize`] does.
+    pub fn canonicalize(&mut self) {
+        self.user_roles.sort();
+        self.user_roles.dedup();
+        self.hide_phone_numbers_for_user_ids.sort();
+        self.hide_phone_numbers_for_user_ids.dedup();
+    }
+
+    pub fn to_owned_doc(&self) -> SettingsDoc {
+        SettingsDoc {
+            user_roles: self.user_roles.iter().map(|&r| r.clone()).collect(),
+            hide_phone_numbers_for_user_ids: self
+                .hide_phone_numbers_for_user_ids
+                .iter()
+                .map(|&id| id.to_string())
+                .collect(),
+            push_input_output_message_events_for_managers: self
+                .push_input_output_message_events_for_managers,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_borrowed_document_serializes_as_the_owned_one() {
+        let roles = [
+            RoleEntry {
+                user_id: "2".into(),
+                channel_id: "c\"1".into(),
+                role: Role::Auditor,
+                allow_get_new_clients: false,
+            },
+            RoleEntry {
+                user_id: "1".into(),
+                channel_id: "c1".into(),
+                role: Role::Seller,
+                allow_get_new_clients: true,
+            },
+        ];
+        let mut borrowed = SettingsDocRef {
+            user_roles: vec![&roles[0], &roles[1], &roles[0]],
+            hide_phone_numbers_for_user_ids: vec!["2", "1"],
+            push_input_output_message_events_for_managers: true,
+        };
+        borrowed.canonicalize();
+        let mut owned = borrowed.to_owned_doc();
+        owned.canonicalize();
+        let json = serde_json::to_string(&borrowed).unwrap();
+        assert_eq!(json, serde_json::to_string(&owned).unwrap());
+        assert!(
+            json.starts_with(r#"{"user_roles":[{"user_id":"1","#),
+            "{json}"
+        );
+        assert!(json.ends_with(r#""hide_phone_numbers_for_user_ids":["1","2"],"push_input_output_message_events_for_managers":true}"#), "{json}");
+    }
 
     #[test]
     fn only_the_exact_api_values_are_roles() {
