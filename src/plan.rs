@@ -410,7 +410,6 @@ mod tests {
                 channel_id: Some("ch".into()),
                 role: Some("seller".into()),
                 allow_get_new_clients: Some(true),
-                ..Default::default()
             })
             .collect();
         normalize_account(

@@ -25,10 +25,10 @@ pub use user::{
     MAX_ID_CHARS, MAX_NAME_CHARS, UserPayload, ValidUser, clip, compare_ids, user_hash,
 };
 
-/// A users-query row as read from the CRM; every field may be missing or NULL.
+/// A users-query row as read from the CRM (its account is the one it was handed over with);
+/// every field may be missing or NULL.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SourceUser {
-    pub account_id: Option<String>,
     pub id: Option<String>,
     pub name: Option<String>,
     pub phone: Option<String>,
@@ -37,10 +37,9 @@ pub struct SourceUser {
     pub row_hash: Option<i64>,
 }
 
-/// A roles-query row as read from the CRM.
+/// A roles-query row as read from the CRM (its account is the one it was handed over with).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SourceRole {
-    pub account_id: Option<String>,
     pub user_id: Option<String>,
     pub channel_id: Option<String>,
     pub role: Option<String>,

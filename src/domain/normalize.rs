@@ -256,7 +256,6 @@ mod tests {
 
     fn user(id: &str, name: &str, phone: Option<&str>) -> SourceUser {
         SourceUser {
-            account_id: None,
             id: Some(id.into()),
             name: Some(name.into()),
             phone: phone.map(Into::into),
@@ -267,7 +266,6 @@ mod tests {
 
     fn role(user_id: &str, channel: &str, role: &str) -> SourceRole {
         SourceRole {
-            account_id: None,
             user_id: Some(user_id.into()),
             channel_id: Some(channel.into()),
             role: Some(role.into()),

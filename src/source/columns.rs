@@ -287,7 +287,6 @@ pub(super) fn decode_users(row: &PgRow) -> Result<Group<SourceUser>, sqlx::Error
     let users = array::<String>(row, 1)?
         .zip(hashes)
         .map(|(id, row_hash)| SourceUser {
-            account_id: account.clone(),
             id,
             name: names.next().flatten(),
             phone: phones.next().flatten(),
@@ -305,7 +304,6 @@ pub(super) fn decode_roles(row: &PgRow) -> Result<Group<SourceRole>, sqlx::Error
     let mut allow = array::<bool>(row, 4)?;
     let rows = array::<String>(row, 1)?
         .map(|user_id| SourceRole {
-            account_id: account.clone(),
             user_id,
             channel_id: channels.next().flatten(),
             role: roles.next().flatten(),

@@ -109,7 +109,6 @@ async fn source_rows(db: &TestDb) -> (Vec<SourceUser>, Vec<SourceRole>) {
         users
             .into_iter()
             .map(|(id, name, phone, hide)| SourceUser {
-                account_id: None,
                 id: Some(id),
                 name: Some(name),
                 phone,
@@ -120,7 +119,6 @@ async fn source_rows(db: &TestDb) -> (Vec<SourceUser>, Vec<SourceRole>) {
         roles
             .into_iter()
             .map(|(u, c, r, a)| SourceRole {
-                account_id: None,
                 user_id: Some(u),
                 channel_id: Some(c),
                 role: Some(r),
