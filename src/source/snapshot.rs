@@ -24,7 +24,7 @@ use super::{
     AccountRows, ReadSummary, SkipUnchanged, SourceAccount, SourceError, crm_query, in_query,
 };
 use crate::config::Settings;
-use crate::domain::{content_hash, token_fingerprint};
+use crate::domain::{SourceRole, SourceUser, content_hash, token_fingerprint};
 
 /// Starts reading the CRM. In single-account mode (`single`) the accounts query is not run
 /// and every row belongs to that account. At most `ahead` accounts wait in the channel.
@@ -198,26 +198,7 @@ async fn merge(
     handover: &Handover,
     summary: &mut ReadSummary,
 ) -> Result<(), SourceError> {
-    let mut users = grouped(
-        a,
-        &settings.source.users_query,
-        &USERS_SHAPE,
-        &USER_COLUMNS,
-        multi,
-        quiet,
-        decode_users,
-    )
-    .await?;
-    let mut roles = grouped(
-        b,
-        &settings.source.roles_query,
-        &ROLES_SHAPE,
-        &ROLE_COLUMNS,
-        multi,
-        quiet,
-        decode_roles,
-    )
-    .await?;
+    let (mut users, mut roles) = readers(a, b, settings, multi, quiet).await?;
     users.advance().await?;
     roles.advance().await?;
     while let Some(key) = next_account(&users, &roles, multi, &to_read) {
@@ -294,6 +275,37 @@ fn next_account<U, R>(
             (None, None) => None,
         }),
     }
+}
+
+/// The users query on one session and the roles query on the other, grouped by account.
+async fn readers<'c>(
+    a: &'c mut PgConnection,
+    b: &'c mut PgConnection,
+    settings: &Settings,
+    multi: bool,
+    quiet: &[String],
+) -> Result<(GroupReader<'c, SourceUser>, GroupReader<'c, SourceRole>), SourceError> {
+    let users = grouped(
+        a,
+        &settings.source.users_query,
+        &USERS_SHAPE,
+        &USER_COLUMNS,
+        multi,
+        quiet,
+        decode_users,
+    )
+    .await?;
+    let roles = grouped(
+        b,
+        &settings.source.roles_query,
+        &ROLES_SHAPE,
+        &ROLE_COLUMNS,
+        multi,
+        quiet,
+        decode_roles,
+    )
+    .await?;
+    Ok((users, roles))
 }
 
 /// A query read one account at a time (see `grouped_sql`): its columns checked first, in the
