@@ -11,9 +11,6 @@ pub mod settings;
 pub mod user;
 
 pub use hash::{content_hash, json_hash, salt_key, token_fingerprint};
-
-/// The mirror of one account: user id → hash of the payload Wazzup acknowledged.
-pub type Mirror = foldhash::HashMap<String, String>;
 pub use normalize::{NormalizeOptions, Normalized, normalize_account};
 pub use phone::{
     Phone, PhoneReading, Remembered, RememberedRow, RememberedUsers, mask_digits, mask_phone,
@@ -24,6 +21,9 @@ pub use settings::{SettingsDoc, SettingsDocRef, settings_hash};
 pub use user::{
     MAX_ID_CHARS, MAX_NAME_CHARS, UserPayload, ValidUser, clip, compare_ids, user_hash,
 };
+
+/// The mirror of one account: user id → hash of the payload Wazzup acknowledged.
+pub type Mirror = foldhash::HashMap<String, String>;
 
 /// A users-query row as read from the CRM (its account is the one it was handed over with);
 /// every field may be missing or NULL.

@@ -180,15 +180,33 @@ impl Columns {
 /// The column the reader adds to the users query: PostgreSQL's hash of the whole row.
 const ROW_HASH_COLUMN: &str = "wazzup_sync_row_hash";
 
-/// The users query's columns as the reader asks for them (the last is a boolean).
-pub(super) const USER_COLUMNS: [&str; 5] = ["account_id", "id", "name", "phone", "hide_phone"];
-pub(super) const ROLE_COLUMNS: [&str; 5] = [
-    "account_id",
-    "user_id",
-    "channel_id",
-    "role",
-    "allow_get_new_clients",
-];
+/// How a query is read grouped by account: its shape, the columns asked for (account id
+/// first, a boolean last), whether each row's hash is added, and how a grouped row decodes.
+pub(super) struct Grouping<T: 'static> {
+    pub(super) shape: &'static QueryShape,
+    pub(super) names: &'static [&'static str],
+    pub(super) hashed: bool,
+    pub(super) decode: fn(&PgRow) -> Result<Group<T>, sqlx::Error>,
+}
+
+pub(super) const USERS_GROUPED: Grouping<SourceUser> = Grouping {
+    shape: &USERS_SHAPE,
+    names: &["account_id", "id", "name", "phone", "hide_phone"],
+    hashed: true,
+    decode: decode_users,
+};
+pub(super) const ROLES_GROUPED: Grouping<SourceRole> = Grouping {
+    shape: &ROLES_SHAPE,
+    names: &[
+        "account_id",
+        "user_id",
+        "channel_id",
+        "role",
+        "allow_get_new_clients",
+    ],
+    hashed: false,
+    decode: decode_roles,
+};
 
 /// An identifier quoted for SQL.
 fn quoted(name: &str) -> String {
@@ -279,7 +297,7 @@ where
 }
 
 /// One account's users from a grouped row (see [`grouped_sql`]).
-pub(super) fn decode_users(row: &PgRow) -> Result<Group<SourceUser>, sqlx::Error> {
+fn decode_users(row: &PgRow) -> Result<Group<SourceUser>, sqlx::Error> {
     let account: Option<String> = row.try_get_unchecked(0)?;
     let (mut names, mut phones) = (array::<String>(row, 2)?, array::<String>(row, 3)?);
     let mut hide = array::<bool>(row, 4)?;
@@ -298,7 +316,7 @@ pub(super) fn decode_users(row: &PgRow) -> Result<Group<SourceUser>, sqlx::Error
 }
 
 /// One account's role rows from a grouped row (see [`grouped_sql`]).
-pub(super) fn decode_roles(row: &PgRow) -> Result<Group<SourceRole>, sqlx::Error> {
+fn decode_roles(row: &PgRow) -> Result<Group<SourceRole>, sqlx::Error> {
     let account: Option<String> = row.try_get_unchecked(0)?;
     let (mut channels, mut roles) = (array::<String>(row, 2)?, array::<String>(row, 3)?);
     let mut allow = array::<bool>(row, 4)?;

@@ -17,8 +17,8 @@ use tokio::sync::mpsc::Sender;
 
 use super::accounts::read_accounts;
 use super::columns::{
-    Group, GroupReader, QueryShape, ROLE_COLUMNS, ROLES_SHAPE, USER_COLUMNS, USERS_SHAPE,
-    decode_roles, decode_users, grouped_sql, probe,
+    GroupReader, Grouping, ROLES_GROUPED, ROLES_SHAPE, USERS_GROUPED, USERS_SHAPE, grouped_sql,
+    probe,
 };
 use super::{
     AccountRows, ReadSummary, SkipUnchanged, SourceAccount, SourceError, crm_query, in_query,
@@ -288,21 +288,17 @@ async fn readers<'c>(
     let users = grouped(
         a,
         &settings.source.users_query,
-        &USERS_SHAPE,
-        &USER_COLUMNS,
+        &USERS_GROUPED,
         multi,
         quiet,
-        decode_users,
     )
     .await?;
     let roles = grouped(
         b,
         &settings.source.roles_query,
-        &ROLES_SHAPE,
-        &ROLE_COLUMNS,
+        &ROLES_GROUPED,
         multi,
         quiet,
-        decode_roles,
     )
     .await?;
     Ok((users, roles))
@@ -314,14 +310,11 @@ async fn readers<'c>(
 async fn grouped<'c, T>(
     conn: &'c mut PgConnection,
     query: &str,
-    shape: &'static QueryShape,
-    names: &[&'static str],
+    how: &Grouping<T>,
     multi: bool,
     quiet: &[String],
-    decode: fn(&sqlx::postgres::PgRow) -> Result<Group<T>, sqlx::Error>,
 ) -> Result<GroupReader<'c, T>, SourceError> {
-    let (cols, spelled) = probe(&mut *conn, query, shape, names, multi).await?;
-    let hash = std::ptr::eq(shape, &USERS_SHAPE);
+    let (cols, spelled) = probe(&mut *conn, query, how.shape, how.names, multi).await?;
     if multi {
         // Rows sorted by account stream out one account at a time; hashing them by account
         // would hold every account in the CRM's memory first.
@@ -329,7 +322,7 @@ async fn grouped<'c, T>(
             .execute(&mut *conn)
             .await?;
     }
-    let sql = grouped_sql(query, &cols, &spelled, hash, multi);
+    let sql = grouped_sql(query, &cols, &spelled, how.hashed, multi);
     let statement = crm_query(sql);
     let statement = if multi {
         statement.bind(quiet.to_vec())
@@ -337,7 +330,7 @@ async fn grouped<'c, T>(
         statement
     };
     let rows = statement.fetch(conn);
-    Ok(GroupReader::new(rows, shape.name, decode))
+    Ok(GroupReader::new(rows, how.shape.name, how.decode))
 }
 
 /// One account's rows as PostgreSQL counts them: rows and the sum of their row hashes.

@@ -6,6 +6,8 @@ use std::collections::{HashMap, HashSet};
 use sqlx::postgres::PgPool;
 
 use super::Result;
+use crate::domain::{Mirror, Remembered, RememberedRow, RememberedUsers, ValidUser};
+use crate::plan::LastPushed;
 
 /// The users bound by [`bind_users`], as a table `u` of the statement ($2 to $9).
 macro_rules! users_table {
@@ -15,8 +17,6 @@ macro_rules! users_table {
          AS u(id, hash, source, phone, valid, name, source_hash, hide)"
     };
 }
-use crate::domain::{Mirror, Remembered, RememberedRow, RememberedUsers, ValidUser};
-use crate::plan::LastPushed;
 
 /// The mirror of one account: user id → hash of the payload Wazzup acknowledged.
 pub async fn load_mirror(pool: &PgPool, account_id: &str) -> Result<Mirror> {
@@ -92,10 +92,9 @@ pub async fn load_mirror_and_phones(
     let rows = fetch_remembered(pool, account_id).await?;
     let mut mirror = Mirror::with_capacity_and_hasher(rows.len(), Default::default());
     let mut cache = RememberedUsers::with_capacity_and_hasher(rows.len(), Default::default());
-    for row in rows {
-        let (id, remembered) = remembered(row);
-        cache.insert(id.clone(), remembered.1);
-        mirror.insert(id, remembered.0);
+    for (id, hash, remembered) in rows {
+        cache.insert(id.clone(), remembered);
+        mirror.insert(id, hash);
     }
     Ok((mirror, cache))
 }
@@ -106,31 +105,18 @@ pub async fn load_remembered(pool: &PgPool, account_id: &str) -> Result<Remember
     let rows = fetch_remembered(pool, account_id).await;
     Ok(not_migrated_yet(rows)?
         .into_iter()
-        .map(|row| {
-            let (id, (_, remembered)) = remembered(row);
-            (id, remembered)
-        })
+        .map(|(id, _, remembered)| (id, remembered))
         .collect())
 }
 
-/// A mirror row as normalization reuses it.
-type RememberedRowOf = (
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<bool>,
-    Option<i64>,
-    Option<String>,
-    Option<bool>,
-);
-
 /// The account's mirror rows, sent by PostgreSQL as one row of columns (one array per column):
-/// a thousand users cost one row to receive and decode instead of a thousand.
+/// a thousand users cost one row to receive and decode instead of a thousand. Each is its user
+/// id, its acknowledged hash and what normalization may reuse; a row is only remembered whole
+/// (name, flag and source hash all known).
 async fn fetch_remembered(
     pool: &PgPool,
     account_id: &str,
-) -> std::result::Result<Vec<RememberedRowOf>, sqlx::Error> {
+) -> std::result::Result<Vec<(String, String, Remembered)>, sqlx::Error> {
     type Columns = (
         Option<Vec<String>>,
         Option<Vec<String>>,
@@ -176,26 +162,19 @@ async fn fetch_remembered(
                 "the mirror's columns came back with different lengths".into(),
             ));
         };
-        rows.push((id, hash, source, phone, valid, sh, name, h));
+        let row = match (sh, name, h) {
+            (Some(source_hash), Some(name), Some(hide_phone)) => Some(RememberedRow {
+                source_hash,
+                name,
+                hash: hash.clone(),
+                hide_phone,
+            }),
+            _ => None,
+        };
+        let phone = source.map(|s| (s, phone, valid.unwrap_or(false)));
+        rows.push((id, hash, Remembered { phone, row }));
     }
     Ok(rows)
-}
-
-/// A mirror row: its user id, and its hash with what normalization may reuse. A row is only
-/// remembered whole (name, flag and source hash all known).
-fn remembered(row: RememberedRowOf) -> (String, (String, Remembered)) {
-    let (id, hash, source, phone, valid, source_hash, name, hide_phone) = row;
-    let row = match (source_hash, name, hide_phone) {
-        (Some(source_hash), Some(name), Some(hide_phone)) => Some(RememberedRow {
-            source_hash,
-            name,
-            hash: hash.clone(),
-            hide_phone,
-        }),
-        _ => None,
-    };
-    let phone = source.map(|s| (s, phone, valid.unwrap_or(false)));
-    (id, (hash, Remembered { phone, row }))
 }
 
 /// Records users Wazzup acknowledged, in one statement.

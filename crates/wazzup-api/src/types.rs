@@ -63,11 +63,14 @@ pub struct SettingsDoc {
 impl SettingsDoc {
     /// Sorts and dedups both lists, so that documents equal in meaning are equal.
     pub fn canonicalize(&mut self) {
-        self.user_roles.sort();
-        self.user_roles.dedup();
-        self.hide_phone_numbers_for_user_ids.sort();
-        self.hide_phone_numbers_for_user_ids.dedup();
+        sort_dedup(&mut self.user_roles);
+        sort_dedup(&mut self.hide_phone_numbers_for_user_ids);
     }
+}
+
+fn sort_dedup<T: Ord>(list: &mut Vec<T>) {
+    list.sort();
+    list.dedup();
 }
 
 /// A settings document that borrows its entries: the same JSON as [`SettingsDoc`], built without
@@ -82,10 +85,8 @@ pub struct SettingsDocRef<'a> {
 impl SettingsDocRef<'_> {
     /// Sorts and dedups both lists, as [`SettingsDoc::canonicalize`] does.
     pub fn canonicalize(&mut self) {
-        self.user_roles.sort();
-        self.user_roles.dedup();
-        self.hide_phone_numbers_for_user_ids.sort();
-        self.hide_phone_numbers_for_user_ids.dedup();
+        sort_dedup(&mut self.user_roles);
+        sort_dedup(&mut self.hide_phone_numbers_for_user_ids);
     }
 
     pub fn to_owned_doc(&self) -> SettingsDoc {
