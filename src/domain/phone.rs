@@ -62,8 +62,9 @@ pub fn normalize_phone(raw: &str, region: Option<Region>) -> Phone {
     }
     let parse = |region: Option<Region>, s: &str| -> Option<(String, bool)> {
         let n = phonenumber::parse(region, s).ok()?;
-        let e164 = n.format().mode(phonenumber::Mode::E164).to_string();
-        let digits = e164.trim_start_matches('+').to_string();
+        // E.164 without its `+`, written directly: the formatter would also match the
+        // country's display formats, which E.164 does not use.
+        let digits = format!("{}{}", n.code().value(), n.national());
         if !(8..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
@@ -75,6 +76,13 @@ pub fn normalize_phone(raw: &str, region: Option<Region>) -> Phone {
     } else {
         parse(region, trimmed)
     };
+    if let Some(n) = as_national.as_ref().filter(|n| n.1) {
+        // A valid national number is the reading; the international one is not needed.
+        return Phone::Parsed {
+            digits: n.0.clone(),
+            valid: true,
+        };
+    }
     let as_international = if international {
         parse(None, trimmed)
     } else if let Some(rest) = trimmed.strip_prefix("00") {
@@ -82,13 +90,7 @@ pub fn normalize_phone(raw: &str, region: Option<Region>) -> Phone {
     } else {
         parse(None, &format!("+{trimmed}"))
     };
-    let best = match (as_national, as_international) {
-        (Some(n), _) if n.1 => Some(n),
-        (_, Some(i)) if i.1 => Some(i),
-        (_, Some(i)) => Some(i),
-        (n, None) => n,
-    };
-    match best {
+    match as_international.or(as_national) {
         Some((digits, valid)) => Phone::Parsed { digits, valid },
         None => Phone::Unreadable,
     }
@@ -206,6 +208,22 @@ mod tests {
             normalize_phone("37192612345", Some(Region::RU)),
             Phone::Parsed { ref digits, valid: false } if digits == "37192612345"
         ));
+        // Italian numbers keep their leading zero after the country code.
+        assert!(matches!(
+            normalize_phone("+39 06 6982 1234", None),
+            Phone::Parsed { ref digits, .. } if digits == "390669821234"
+        ));
+        assert_eq!(
+            normalize_phone("0039 06 6982 1234", Some(Region::LV)),
+            normalize_phone("+39 06 6982 1234", None)
+        );
+        assert_eq!(
+            normalize_phone("26 123 456", Some(Region::LV)),
+            Phone::Parsed {
+                digits: "37126123456".into(),
+                valid: true
+            }
+        );
         assert_eq!(normalize_phone("  ", None), Phone::Missing);
         assert_eq!(normalize_phone("call me maybe", None), Phone::Unreadable);
         assert_eq!(normalize_phone("12\u{0}34", None), Phone::Unreadable);
