@@ -76,9 +76,10 @@ pub fn plan_users<'a>(
         }
     }
     if delete_missing {
-        let present: HashSet<&str> = norm.users.iter().map(|u| u.payload.id.as_str()).collect();
+        let present: foldhash::HashSet<&str> =
+            norm.users.iter().map(|u| u.payload.id.as_str()).collect();
         // Users sent but never recorded may be in Wazzup too: they are deleted as well.
-        let known: HashSet<&String> = mirror.keys().chain(pending.iter()).collect();
+        let known: foldhash::HashSet<&String> = mirror.keys().chain(pending.iter()).collect();
         let mut deletes: Vec<String> = known
             .into_iter()
             .filter(|id| !present.contains(id.as_str()) && !norm.rejected_user_ids.contains(*id))
@@ -107,7 +108,7 @@ pub fn plan_users<'a>(
 /// so a broken CRM row never silently strips someone's access.
 pub fn settings_doc<'a>(
     norm: &'a Normalized,
-    in_wazzup: &HashSet<&str>,
+    in_wazzup: &foldhash::HashSet<&str>,
     previous: Option<&'a SettingsDoc>,
     push_events_for_managers: bool,
 ) -> SettingsDocRef<'a> {
@@ -511,7 +512,7 @@ mod tests {
             hide_phone_numbers_for_user_ids: vec!["4".into()],
             push_input_output_message_events_for_managers: false,
         };
-        let in_wazzup: HashSet<&str> = ["1", "2", "4"].into();
+        let in_wazzup: foldhash::HashSet<&str> = ["1", "2", "4"].into_iter().collect();
         let doc = settings_doc(&n, &in_wazzup, Some(&previous), true);
         let users: Vec<_> = doc.user_roles.iter().map(|r| r.user_id.as_str()).collect();
         assert_eq!(users, ["1", "2", "4"]);

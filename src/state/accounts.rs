@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
+use sqlx::PgExecutor;
 use sqlx::postgres::PgPool;
 
 use super::Result;
@@ -28,7 +29,11 @@ struct AccountRow {
 }
 
 /// The account's state; its last settings document only when `with_doc` (it can be large).
-pub async fn load_account(pool: &PgPool, account_id: &str, with_doc: bool) -> Result<AccountState> {
+pub async fn load_account(
+    db: impl PgExecutor<'_>,
+    account_id: &str,
+    with_doc: bool,
+) -> Result<AccountState> {
     let row: Option<AccountRow> = sqlx::query_as(
         "SELECT token_fingerprint, status, auth_failed_at, settings_hash,
                 CASE WHEN $2 THEN settings_doc END AS settings_doc
@@ -36,7 +41,7 @@ pub async fn load_account(pool: &PgPool, account_id: &str, with_doc: bool) -> Re
     )
     .bind(account_id)
     .bind(with_doc)
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     Ok(match row {
         None => AccountState::default(),
@@ -55,7 +60,7 @@ pub async fn load_account(pool: &PgPool, account_id: &str, with_doc: bool) -> Re
 
 /// Records the end of an account's cycle.
 pub async fn finish_account(
-    pool: &PgPool,
+    db: impl PgExecutor<'_>,
     account_id: &str,
     fingerprint: &str,
     success: bool,
@@ -79,7 +84,7 @@ pub async fn finish_account(
     .bind(success)
     .bind(error)
     .bind(source_fingerprint)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(())
 }
@@ -99,13 +104,13 @@ pub async fn load_source_fingerprints(pool: &PgPool) -> Result<HashMap<String, (
 
 /// Forgets an account's clean fingerprint before anything is sent for it: if the process dies
 /// mid-way and the CRM then returns to its old rows, the account is still synced.
-pub async fn clear_source_fingerprint(pool: &PgPool, account_id: &str) -> Result<()> {
+pub async fn clear_source_fingerprint(db: impl PgExecutor<'_>, account_id: &str) -> Result<()> {
     sqlx::query(
         "UPDATE accounts SET source_fingerprint = NULL
          WHERE account_id = $1 AND source_fingerprint IS NOT NULL",
     )
     .bind(account_id)
-    .execute(pool)
+    .execute(db)
     .await?;
     Ok(())
 }

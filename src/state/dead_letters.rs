@@ -3,6 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use sqlx::PgExecutor;
 use sqlx::postgres::PgPool;
 
 use super::Result;
@@ -90,26 +91,29 @@ impl OpenDeadLetter {
     }
 }
 
-pub async fn open_dead_letters(pool: &PgPool, account_id: &str) -> Result<Vec<OpenDeadLetter>> {
+pub async fn open_dead_letters(
+    db: impl PgExecutor<'_>,
+    account_id: &str,
+) -> Result<Vec<OpenDeadLetter>> {
     sqlx::query_as(
         "SELECT entity, record_id, kind, error_code, error_message, payload_hash, next_attempt_at, resolution
          FROM dead_letters
          WHERE account_id = $1 AND (resolved_at IS NULL OR resolution = 'discarded')",
     )
     .bind(account_id)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await
     .map_err(Into::into)
 }
 
 /// Open dead letters of an account that Wazzup refused (they keep the account from ending clean).
-pub async fn count_open_refusals(pool: &PgPool, account_id: &str) -> Result<i64> {
+pub async fn count_open_refusals(db: impl PgExecutor<'_>, account_id: &str) -> Result<i64> {
     sqlx::query_scalar(
         "SELECT count(*) FROM dead_letters
          WHERE account_id = $1 AND resolved_at IS NULL AND kind = 'rejected'",
     )
     .bind(account_id)
-    .fetch_one(pool)
+    .fetch_one(db)
     .await
     .map_err(Into::into)
 }

@@ -3,6 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 
+use sqlx::PgExecutor;
 use sqlx::postgres::PgPool;
 
 use super::Result;
@@ -74,11 +75,11 @@ pub async fn mark_pending(pool: &PgPool, account_id: &str, ids: &[String]) -> Re
 }
 
 /// Users sent earlier whose answer was never recorded.
-pub async fn load_pending(pool: &PgPool, account_id: &str) -> Result<HashSet<String>> {
+pub async fn load_pending(db: impl PgExecutor<'_>, account_id: &str) -> Result<HashSet<String>> {
     let ids: std::result::Result<Vec<String>, sqlx::Error> =
         sqlx::query_scalar("SELECT user_id FROM pending_users WHERE account_id = $1")
             .bind(account_id)
-            .fetch_all(pool)
+            .fetch_all(db)
             .await;
     Ok(not_migrated_yet(ids)?.into_iter().collect())
 }
@@ -86,10 +87,10 @@ pub async fn load_pending(pool: &PgPool, account_id: &str) -> Result<HashSet<Str
 /// The mirror of one account (user id → acknowledged hash) and the phones its users were read
 /// from, in one query: what a cycle needs before it normalizes and plans an account.
 pub async fn load_mirror_and_phones(
-    pool: &PgPool,
+    db: impl PgExecutor<'_>,
     account_id: &str,
 ) -> Result<(Mirror, RememberedUsers)> {
-    let rows = fetch_remembered(pool, account_id).await?;
+    let rows = fetch_remembered(db, account_id).await?;
     let mut mirror = Mirror::with_capacity_and_hasher(rows.len(), Default::default());
     let mut cache = RememberedUsers::with_capacity_and_hasher(rows.len(), Default::default());
     for (id, hash, remembered) in rows {
@@ -114,7 +115,7 @@ pub async fn load_remembered(pool: &PgPool, account_id: &str) -> Result<Remember
 /// id, its acknowledged hash and what normalization may reuse; a row is only remembered whole
 /// (name, flag and source hash all known).
 async fn fetch_remembered(
-    pool: &PgPool,
+    db: impl PgExecutor<'_>,
     account_id: &str,
 ) -> std::result::Result<Vec<(String, String, Remembered)>, sqlx::Error> {
     type Columns = (
@@ -135,7 +136,7 @@ async fn fetch_remembered(
              FROM mirror_users WHERE account_id = $1",
         )
         .bind(account_id)
-        .fetch_one(pool)
+        .fetch_one(db)
         .await?;
     let ids = ids.unwrap_or_default();
     let n = ids.len();
@@ -205,7 +206,11 @@ pub async fn upsert_mirror(pool: &PgPool, account_id: &str, users: &[&ValidUser]
 /// normalization reuses), so that the row is recognised next time. Needed after an upgrade or
 /// a settings change (another salt), and for users synced before rows were hashed. Only a
 /// mirror row still holding the user's hash is touched.
-pub async fn remember_rows(pool: &PgPool, account_id: &str, users: &[&ValidUser]) -> Result<()> {
+pub async fn remember_rows(
+    db: impl PgExecutor<'_>,
+    account_id: &str,
+    users: &[&ValidUser],
+) -> Result<()> {
     if users.is_empty() {
         return Ok(());
     }
@@ -217,7 +222,7 @@ pub async fn remember_rows(pool: &PgPool, account_id: &str, users: &[&ValidUser]
         " WHERE m.account_id = $1 AND m.user_id = u.id AND m.hash = u.hash"
     ));
     bind_users(query.bind(account_id), users)
-        .execute(pool)
+        .execute(db)
         .await?;
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! repair (reconcile), the plan, users, dead letters that closed, settings, deletes, the end.
 
 use chrono::Utc;
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
 use wazzup_api::{Account, RequestStats};
 
 use super::report::{AccountOutcome, AccountReport};
@@ -56,19 +58,22 @@ impl Engine {
             stats,
         };
         let result = async {
+            // The state reads that open the cycle share one session: each query handed back to
+            // the pool would cost a round trip of its own.
+            let mut session = self.state.acquire().await?;
             let (mirror, phones) =
-                state::load_mirror_and_phones(&self.state, &account.account_id).await?;
+                state::load_mirror_and_phones(&mut *session, &account.account_id).await?;
             let norm = normalize_account(&users, &roles, &self.normalize, &phones);
             drop((users, roles));
             let unremembered = unremembered_rows(&norm, &mirror, &phones);
-            state::remember_rows(&self.state, &account.account_id, &unremembered).await?;
+            state::remember_rows(&mut *session, &account.account_id, &unremembered).await?;
             drop((unremembered, phones));
             self.sync_account(
                 account,
                 api,
                 source_fingerprint,
                 &norm,
-                mirror,
+                (mirror, session),
                 opts,
                 report,
             )
@@ -81,7 +86,8 @@ impl Engine {
 
     /// The stages, in order. A stage that stops (a refused token, a fault that outlasted its
     /// retries, shutdown) lets the later stages record what they must, but send nothing.
-    /// `mirror` is the account's mirror as read under its lock.
+    /// `mirror` is the account's mirror as read under its lock, with the session it was read
+    /// on; the session goes back to the pool once the cycle's opening reads are done.
     #[allow(clippy::too_many_arguments)]
     async fn sync_account(
         &self,
@@ -89,7 +95,7 @@ impl Engine {
         api: Account<'_>,
         source_fingerprint: &str,
         norm: &Normalized,
-        mut mirror: Mirror,
+        (mut mirror, mut session): (Mirror, PoolConnection<Postgres>),
         opts: &CycleOptions,
         report: &mut AccountReport,
     ) -> Result<AccountOutcome, StateError> {
@@ -97,12 +103,19 @@ impl Engine {
         let token = token_fingerprint(&account.token);
         // The last document keeps refused users' roles, and is compared in a reconcile.
         let with_doc = opts.reconcile || !norm.rejected_user_ids.is_empty();
-        let mut last = state::load_account(&self.state, id, with_doc).await?;
+        let mut last = state::load_account(&mut *session, id, with_doc).await?;
         if let Some(skipped) = self.cooling_down(&last, &token) {
+            crate::db::hand_back(session).await;
             return Ok(skipped);
         }
-        state::clear_source_fingerprint(&self.state, id).await?;
-        let open = state::open_dead_letters(&self.state, id).await?;
+        state::clear_source_fingerprint(&mut *session, id).await?;
+        let open = state::open_dead_letters(&mut *session, id).await?;
+        // Drift repair changes what is pending; without it, pending is read now.
+        let pending = match opts.reconcile {
+            false => Some(state::load_pending(&mut *session, id).await?),
+            true => None,
+        };
+        crate::db::hand_back(session).await;
         let job = Job {
             account,
             api,
@@ -122,7 +135,10 @@ impl Engine {
             // Drift repair may have changed the mirror.
             mirror = state::load_mirror(&self.state, id).await?;
         }
-        let pending = state::load_pending(&self.state, id).await?;
+        let pending = match pending {
+            Some(p) => p,
+            None => state::load_pending(&self.state, id).await?,
+        };
         let plan = self.plan_for(&job, &mirror, &pending, report);
         let mut stop = self.users_stage(&job, &plan, &mut mirror, report).await?;
         self.close_dead_letters(&job, &mirror).await?;
@@ -217,7 +233,8 @@ impl Engine {
                 )));
             }
         };
-        let open_rejected = state::count_open_refusals(&self.state, id).await?;
+        let mut session = self.state.acquire().await?;
+        let open_rejected = state::count_open_refusals(&mut *session, id).await?;
         let clean = outcome == AccountOutcome::Completed
             && report.deferred == 0
             && report.waiting == 0
@@ -225,7 +242,7 @@ impl Engine {
             && report.rejected_remotely == 0
             && open_rejected == 0;
         state::finish_account(
-            &self.state,
+            &mut *session,
             id,
             &job.token,
             outcome == AccountOutcome::Completed,
@@ -235,6 +252,7 @@ impl Engine {
                 .filter(|f| !f.is_empty()),
         )
         .await?;
+        crate::db::hand_back(session).await;
         Ok(outcome)
     }
 }

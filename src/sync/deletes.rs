@@ -20,6 +20,13 @@ impl Engine {
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
         let id = job.id();
+        // Deletions refused in earlier cycles: their dead letters close when they land.
+        let refused_before: foldhash::HashSet<&str> = job
+            .open
+            .iter()
+            .filter(|d| d.is_open() && d.entity == Entity::Delete)
+            .map(|d| d.record_id.as_str())
+            .collect();
         let mut queue = BatchQueue::new(ids.to_vec(), self.settings.sync.batch_size);
         while let Some(next) = queue.next(|_| false) {
             if self.stopping() {
@@ -29,7 +36,12 @@ impl Engine {
             match self.client.delete_users(&job.api, &batch).await {
                 Ok(()) => {
                     state::delete_mirror(&self.state, id, &batch).await?;
-                    state::resolve(&self.state, id, Entity::Delete, &batch, Resolution::Synced)
+                    let closed: Vec<String> = batch
+                        .iter()
+                        .filter(|u| refused_before.contains(u.as_str()))
+                        .cloned()
+                        .collect();
+                    state::resolve(&self.state, id, Entity::Delete, &closed, Resolution::Synced)
                         .await?;
                     report.deleted += batch.len();
                 }

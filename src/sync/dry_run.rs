@@ -1,8 +1,6 @@
 //! The dry run behind `plan`: what a cycle would send for an account. It reads the mirror
 //! when the state schema exists, and sends and writes nothing.
 
-use std::collections::HashSet;
-
 use super::report::{AccountOutcome, AccountReport};
 use super::{CycleOptions, Engine};
 use crate::domain::{Normalized, settings_hash};
@@ -55,7 +53,7 @@ impl Engine {
         report.would_delete = p.deletes.len();
         report.deletes_blocked = p.deletes_blocked;
         // Assume every due push lands, to show the settings the cycle would send.
-        let mut in_wazzup: HashSet<&str> = mirror.keys().map(String::as_str).collect();
+        let mut in_wazzup: foldhash::HashSet<&str> = mirror.keys().map(String::as_str).collect();
         in_wazzup.extend(p.creates.iter().map(|u| u.payload.id.as_str()));
         for d in &p.deletes {
             in_wazzup.remove(d.as_str());

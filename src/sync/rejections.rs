@@ -68,6 +68,9 @@ impl Engine {
         job: &Job<'_>,
         mirror: &Mirror,
     ) -> Result<(), StateError> {
+        if !job.open.iter().any(OpenDeadLetter::is_open) {
+            return Ok(());
+        }
         let norm = job.norm;
         let crm_ids = crm_user_ids(job);
         let valid: HashMap<&str, &str> = norm
@@ -112,13 +115,15 @@ impl Engine {
 
     /// A refused deletion is moot once its user is back in the CRM.
     pub(super) async fn close_returned_deletes(&self, job: &Job<'_>) -> Result<(), StateError> {
+        let open_delete = |d: &OpenDeadLetter| d.is_open() && d.entity == Entity::Delete;
+        if !job.open.iter().any(open_delete) {
+            return Ok(());
+        }
         let crm_ids = crm_user_ids(job);
         let returned: Vec<String> = job
             .open
             .iter()
-            .filter(|d| {
-                d.is_open() && d.entity == Entity::Delete && crm_ids.contains(d.record_id.as_str())
-            })
+            .filter(|d| open_delete(d) && crm_ids.contains(d.record_id.as_str()))
             .map(|d| d.record_id.clone())
             .collect();
         state::resolve(

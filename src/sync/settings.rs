@@ -1,8 +1,6 @@
 //! The settings stage: the account's whole settings document, over the users that are in
 //! Wazzup, pushed when its hash changed (and it was not refused with this very content).
 
-use std::collections::HashSet;
-
 use wazzup_api::ApiError;
 
 use super::account::Job;
@@ -24,7 +22,7 @@ impl Engine {
         blocked: bool,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
-        let mut in_wazzup: HashSet<&str> = mirror.keys().map(String::as_str).collect();
+        let mut in_wazzup: foldhash::HashSet<&str> = mirror.keys().map(String::as_str).collect();
         for d in deletes {
             in_wazzup.remove(d.as_str());
         }
@@ -49,7 +47,11 @@ impl Engine {
                 stop = self.push_settings(job, &doc, json, &hash, report).await?;
             }
         }
-        if !due || report.settings_pushed {
+        let refused_before = job
+            .open
+            .iter()
+            .any(|d| d.is_open() && d.entity == Entity::Settings && d.record_id == SETTINGS_RECORD);
+        if refused_before && (!due || report.settings_pushed) {
             let record = [SETTINGS_RECORD.to_string()];
             state::resolve(
                 &self.state,

@@ -328,6 +328,74 @@ async fn a_refused_user_is_not_resent_until_its_content_changes() {
 }
 
 #[tokio::test]
+async fn a_refused_settings_document_and_a_refused_deletion_close_once_they_land() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.add_users("a1", 3).await;
+    sync(&db, &sim, &[]).await;
+
+    db.exec("DELETE FROM wazzup_users WHERE id = 'u3'").await;
+    db.exec("DELETE FROM wazzup_user_roles WHERE user_id = 'u3'")
+        .await;
+    db.exec("UPDATE wazzup_user_roles SET role = 'auditor' WHERE user_id = 'u1'")
+        .await;
+    for (method, path) in [("PATCH", "/v2/settings"), ("DELETE", "/v2/users")] {
+        sim.push_fault(
+            Some(method),
+            Some(path),
+            Fault::Status {
+                status: 400,
+                body: r#"{"error":"validationError","description":"refused"}"#.into(),
+                retry_after: None,
+            },
+        );
+    }
+    sync(&db, &sim, &[]).await;
+    let open: Vec<(String, String)> = db
+        .open_dead_letters()
+        .await
+        .into_iter()
+        .map(|d| (d.entity, d.record_id))
+        .collect();
+    assert_eq!(
+        open,
+        [
+            ("delete".to_string(), "u3".to_string()),
+            ("settings".to_string(), "(document)".to_string())
+        ]
+    );
+    assert!(sim.users("tok-1").contains_key("u3"));
+
+    // Due again, both are sent, land, and their dead letters close as synced.
+    db.exec("UPDATE wazzup_sync.dead_letters SET next_attempt_at = now() - interval '1 second'")
+        .await;
+    sync(&db, &sim, &[]).await;
+    assert!(db.open_dead_letters().await.is_empty());
+    assert!(!sim.users("tok-1").contains_key("u3"));
+    let u1 = sim.settings("tok-1").user_roles;
+    assert!(
+        u1.iter()
+            .filter(|r| r.user_id == "u1")
+            .all(|r| r.role == Role::Auditor)
+    );
+    let resolved: Vec<(String, Option<String>)> = sqlx::query_as(
+        "SELECT record_id, resolution FROM wazzup_sync.dead_letters ORDER BY record_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        resolved,
+        [
+            ("(document)".to_string(), Some("synced".to_string())),
+            ("u3".to_string(), Some("synced".to_string()))
+        ]
+    );
+}
+
+#[tokio::test]
 async fn the_user_limit_stops_creates_while_updates_settings_and_deletes_still_run() {
     let db = TestDb::with_crm().await;
     let sim = simulator().await;
