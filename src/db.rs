@@ -1,6 +1,8 @@
 //! The two databases: where each is, and why a connection to it failed, said in one line that
 //! names the database, its host and port, the cause and the variable to check.
 
+pub mod arrays;
+
 use std::fmt;
 use std::time::Duration;
 

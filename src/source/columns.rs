@@ -7,6 +7,7 @@ use sqlx::postgres::PgRow;
 use sqlx::{Column, Row, TypeInfo};
 
 use super::{SourceError, in_query};
+use crate::db::arrays::{bools, int8s, texts};
 use crate::domain::{SourceRole, SourceUser};
 
 /// The columns each query must or may return.
@@ -285,24 +286,14 @@ pub(super) async fn probe(
     Ok((cols, spelled))
 }
 
-/// One column of a grouped row: its values, none when the query has no such column.
-fn array<T>(row: &PgRow, i: usize) -> Result<std::vec::IntoIter<Option<T>>, sqlx::Error>
-where
-    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
-{
-    Ok(row
-        .try_get_unchecked::<Option<Vec<Option<T>>>, _>(i)?
-        .unwrap_or_default()
-        .into_iter())
-}
-
 /// One account's users from a grouped row (see [`grouped_sql`]).
 fn decode_users(row: &PgRow) -> Result<Group<SourceUser>, sqlx::Error> {
     let account: Option<String> = row.try_get_unchecked(0)?;
-    let (mut names, mut phones) = (array::<String>(row, 2)?, array::<String>(row, 3)?);
-    let mut hide = array::<bool>(row, 4)?;
-    let hashes = array::<i64>(row, 5)?;
-    let users = array::<String>(row, 1)?
+    let (mut names, mut phones) = (texts(row, 2)?.into_iter(), texts(row, 3)?.into_iter());
+    let mut hide = bools(row, 4)?.into_iter();
+    let hashes = int8s(row, 5)?.into_iter();
+    let users = texts(row, 1)?
+        .into_iter()
         .zip(hashes)
         .map(|(id, row_hash)| SourceUser {
             id,
@@ -318,9 +309,10 @@ fn decode_users(row: &PgRow) -> Result<Group<SourceUser>, sqlx::Error> {
 /// One account's role rows from a grouped row (see [`grouped_sql`]).
 fn decode_roles(row: &PgRow) -> Result<Group<SourceRole>, sqlx::Error> {
     let account: Option<String> = row.try_get_unchecked(0)?;
-    let (mut channels, mut roles) = (array::<String>(row, 2)?, array::<String>(row, 3)?);
-    let mut allow = array::<bool>(row, 4)?;
-    let rows = array::<String>(row, 1)?
+    let (mut channels, mut roles) = (texts(row, 2)?.into_iter(), texts(row, 3)?.into_iter());
+    let mut allow = bools(row, 4)?.into_iter();
+    let rows = texts(row, 1)?
+        .into_iter()
         .map(|user_id| SourceRole {
             user_id,
             channel_id: channels.next().flatten(),

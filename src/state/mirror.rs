@@ -7,6 +7,7 @@ use sqlx::PgExecutor;
 use sqlx::postgres::PgPool;
 
 use super::Result;
+use crate::db::arrays::{bools, int8s, texts};
 use crate::domain::{Mirror, Remembered, RememberedRow, RememberedUsers, ValidUser};
 use crate::plan::LastPushed;
 
@@ -118,39 +119,42 @@ async fn fetch_remembered(
     db: impl PgExecutor<'_>,
     account_id: &str,
 ) -> std::result::Result<Vec<(String, String, Remembered)>, sqlx::Error> {
-    type Columns = (
-        Option<Vec<String>>,
-        Option<Vec<String>>,
-        Option<Vec<Option<String>>>,
-        Option<Vec<Option<String>>>,
-        Option<Vec<Option<bool>>>,
-        Option<Vec<Option<i64>>>,
-        Option<Vec<Option<String>>>,
-        Option<Vec<Option<bool>>>,
-    );
-    let (ids, hashes, sources, phones, valid, source_hashes, names, hide): Columns =
-        sqlx::query_as(
-            "SELECT array_agg(user_id), array_agg(hash), array_agg(phone_source), array_agg(phone),
-                    array_agg(phone_valid), array_agg(source_hash), array_agg(name),
-                    array_agg(hide_phone)
-             FROM mirror_users WHERE account_id = $1",
-        )
-        .bind(account_id)
-        .fetch_one(db)
-        .await?;
-    let ids = ids.unwrap_or_default();
+    let row = sqlx::query(
+        "SELECT array_agg(user_id), array_agg(hash), array_agg(phone_source), array_agg(phone),
+                array_agg(phone_valid), array_agg(source_hash), array_agg(name),
+                array_agg(hide_phone)
+         FROM mirror_users WHERE account_id = $1",
+    )
+    .bind(account_id)
+    .fetch_one(db)
+    .await?;
+    let [ids, hashes, sources, phones, names] = [0, 1, 2, 3, 6].map(|i| texts(&row, i));
+    let (valid, source_hashes, hide) = (bools(&row, 4)?, int8s(&row, 5)?, bools(&row, 7)?);
+    let (ids, hashes) = (ids?, hashes?);
+    let (sources, phones, names) = (sources?, phones?, names?);
     let n = ids.len();
-    let mut hashes = hashes.unwrap_or_default().into_iter();
-    let mut sources = sources.unwrap_or_default().into_iter();
-    let mut phones = phones.unwrap_or_default().into_iter();
-    let mut valid = valid.unwrap_or_default().into_iter();
-    let mut source_hashes = source_hashes.unwrap_or_default().into_iter();
-    let mut names = names.unwrap_or_default().into_iter();
-    let mut hide = hide.unwrap_or_default().into_iter();
+    let mut hashes = hashes.into_iter();
+    let mut sources = sources.into_iter();
+    let mut phones = phones.into_iter();
+    let mut valid = valid.into_iter();
+    let mut source_hashes = source_hashes.into_iter();
+    let mut names = names.into_iter();
+    let mut hide = hide.into_iter();
     let mut rows = Vec::with_capacity(n);
     for id in ids {
-        // Every array has one element per row: PostgreSQL aggregates them in one pass.
-        let (Some(hash), Some(source), Some(phone), Some(valid), Some(sh), Some(name), Some(h)) = (
+        // Every array has one element per row: PostgreSQL aggregates them in one pass. Ids
+        // and hashes are never NULL in the table.
+        let (
+            Some(id),
+            Some(Some(hash)),
+            Some(source),
+            Some(phone),
+            Some(valid),
+            Some(sh),
+            Some(name),
+            Some(h),
+        ) = (
+            id,
             hashes.next(),
             sources.next(),
             phones.next(),
@@ -158,9 +162,11 @@ async fn fetch_remembered(
             source_hashes.next(),
             names.next(),
             hide.next(),
-        ) else {
+        )
+        else {
             return Err(sqlx::Error::Protocol(
-                "the mirror's columns came back with different lengths".into(),
+                "the mirror's columns came back with different lengths, or a NULL id or hash"
+                    .into(),
             ));
         };
         let row = match (sh, name, h) {
