@@ -1,7 +1,7 @@
 //! The settings stage: the account's whole settings document, over the users that are in
 //! Wazzup, pushed when its hash changed (and it was not refused with this very content).
 
-use wazzup_api::ApiError;
+use wazzup_api::{ApiError, Bytes};
 
 use super::account::Job;
 use super::report::AccountReport;
@@ -33,7 +33,7 @@ impl Engine {
             job.account.push_input_output_message_events_for_managers,
         );
         // Serialized once: hashed, sent and stored as these very bytes.
-        let json = serde_json::to_vec(&doc).expect("settings serialize");
+        let json = Bytes::from(doc.to_json());
         let hash = content_hash(&json);
         let due = last.settings_hash.as_deref() != Some(hash.as_str());
         report.settings_changed = due;
@@ -70,14 +70,15 @@ impl Engine {
         &self,
         job: &Job<'_>,
         doc: &SettingsDocRef<'_>,
-        json: Vec<u8>,
+        json: Bytes,
         hash: &str,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
-        let text = String::from_utf8(json.clone()).expect("JSON is UTF-8");
-        let (status, code, description) = match self.client.patch_settings(&job.api, json).await {
+        let sent = self.client.patch_settings(&job.api, json.clone()).await;
+        let (status, code, description) = match sent {
             Ok(()) => {
-                state::save_settings(&self.state, job.id(), &text, hash).await?;
+                let text = std::str::from_utf8(&json).expect("JSON is UTF-8");
+                state::save_settings(&self.state, job.id(), text, hash).await?;
                 report.settings_pushed = true;
                 return Ok(None);
             }

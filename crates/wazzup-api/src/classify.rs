@@ -62,21 +62,30 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
     )
 }
 
+/// Success bodies up to this size are parsed in full to check they are JSON. A longer one (an
+/// echo of a whole settings document) is checked by its first and last characters: what a
+/// proxy's error page or plain text fails, while a body cut short fails when it is read.
+const FULLY_CHECKED: usize = 4096;
+
 /// Classifies a complete HTTP answer. Pure, so every branch is tested without I/O.
 /// A success is Ok(()) when its body is empty or JSON (checked without building it: the caller
 /// reads only what it needs); a success whose body is not JSON is transient.
 pub fn classify(status: u16, retry_after: Option<&str>, body: &[u8]) -> Result<(), ApiError> {
     match status {
         200..=299 => {
-            if body.iter().all(u8::is_ascii_whitespace) {
-                return Ok(());
-            }
-            serde_json::from_slice::<serde::de::IgnoredAny>(body)
-                .map(|_| ())
-                .map_err(|_| ApiError::Transient {
-                    reason: format!("HTTP {status} with a body that is not JSON"),
-                    retry_after: None,
-                })
+            let body = body.trim_ascii();
+            let json = match body {
+                [] => true,
+                [..] if body.len() <= FULLY_CHECKED => {
+                    serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+                }
+                [b'{', .., b'}'] | [b'[', .., b']'] => true,
+                _ => false,
+            };
+            json.then_some(()).ok_or_else(|| ApiError::Transient {
+                reason: format!("HTTP {status} with a body that is not JSON"),
+                retry_after: None,
+            })
         }
         401 | 403 => Err(ApiError::Unauthorized { status }),
         408 | 425 | 429 | 500..=599 => Err(ApiError::Transient {
@@ -126,6 +135,19 @@ mod tests {
         assert!(classify(200, None, b"").is_ok());
         assert!(classify(200, None, br#"{"data":{"processed":2}}"#).is_ok());
         assert!(classify(200, None, b"<html>").unwrap_err().is_transient());
+        let echo = format!("[{}]", vec![r#"{"user_id":"1"}"#; 1000].join(","));
+        assert!(classify(200, None, echo.as_bytes()).is_ok());
+        let page = format!("<html>{}</html>", "x".repeat(10_000));
+        assert!(
+            classify(200, None, page.as_bytes())
+                .unwrap_err()
+                .is_transient()
+        );
+        assert!(
+            classify(200, None, &echo.as_bytes()[..5000])
+                .unwrap_err()
+                .is_transient()
+        );
     }
 
     #[test]

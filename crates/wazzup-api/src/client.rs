@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use backon::Retryable;
+use bytes::Bytes;
 use rand::Rng;
 use reqwest::Method;
 use secrecy::{ExposeSecret, SecretString};
@@ -82,7 +83,8 @@ struct Request<'a> {
     method: Method,
     path: &'a str,
     query: &'a [(&'a str, String)],
-    body: Option<Vec<u8>>,
+    /// Shared, so that a retry resends it without copying it.
+    body: Option<Bytes>,
 }
 
 impl Request<'_> {
@@ -161,7 +163,7 @@ impl WazzupClient {
         }
         let body = serde_json::to_vec(&Body { users }).expect("JSON");
         let answer = self
-            .call(acct, Method::POST, "/v2/users", &[], Some(body))
+            .call(acct, Method::POST, "/v2/users", &[], Some(body.into()))
             .await?;
         // An answer without `processed` (or an empty one) says nothing about how many landed.
         Ok(serde_json::from_slice::<Answer>(&answer)
@@ -177,7 +179,7 @@ impl WazzupClient {
             user_ids: &'a [String],
         }
         let body = serde_json::to_vec(&Body { user_ids: ids }).expect("JSON");
-        self.call(acct, Method::DELETE, "/v2/users", &[], Some(body))
+        self.call(acct, Method::DELETE, "/v2/users", &[], Some(body.into()))
             .await
             .map(|_| ())
     }
@@ -187,7 +189,7 @@ impl WazzupClient {
     pub async fn patch_settings(
         &self,
         acct: &Account<'_>,
-        doc_json: Vec<u8>,
+        doc_json: Bytes,
     ) -> Result<(), ApiError> {
         self.call(acct, Method::PATCH, "/v2/settings", &[], Some(doc_json))
             .await
@@ -279,8 +281,8 @@ impl WazzupClient {
         method: Method,
         path: &str,
         query: &[(&str, String)],
-        body: Option<Vec<u8>>,
-    ) -> Result<Vec<u8>, ApiError> {
+        body: Option<Bytes>,
+    ) -> Result<Bytes, ApiError> {
         let request = Request {
             method,
             path,
@@ -306,7 +308,7 @@ impl WazzupClient {
         acct: &Account<'_>,
         key: &String,
         r: &Request<'_>,
-    ) -> Result<Vec<u8>, ApiError> {
+    ) -> Result<Bytes, ApiError> {
         self.limiter.wait_turn(key).await;
         acct.stats.requests.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
@@ -339,7 +341,7 @@ impl WazzupClient {
 }
 
 /// Reads an answer to its end and classifies it; a success gives its body.
-async fn answer(sent: reqwest::Result<reqwest::Response>) -> Result<Vec<u8>, ApiError> {
+async fn answer(sent: reqwest::Result<reqwest::Response>) -> Result<Bytes, ApiError> {
     let resp = sent.map_err(|e| transient(describe_reqwest_error(&e)))?;
     let status = resp.status().as_u16();
     let retry_after = resp
@@ -348,7 +350,7 @@ async fn answer(sent: reqwest::Result<reqwest::Response>) -> Result<Vec<u8>, Api
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     match resp.bytes().await {
-        Ok(bytes) => classify(status, retry_after.as_deref(), &bytes).map(|()| bytes.to_vec()),
+        Ok(bytes) => classify(status, retry_after.as_deref(), &bytes).map(|()| bytes),
         Err(e) => Err(transient(format!(
             "HTTP {status}, body cut off: {}",
             describe_reqwest_error(&e)

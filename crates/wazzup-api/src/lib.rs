@@ -14,6 +14,7 @@ pub mod limit;
 pub mod retry;
 pub mod types;
 
+pub use bytes::Bytes;
 pub use classify::{classify, parse_retry_after};
 pub use client::{Account, ClientConfig, NoObserver, Observer, RequestStats, WazzupClient};
 pub use error::{ApiError, fold_code};

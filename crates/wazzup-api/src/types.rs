@@ -89,6 +89,51 @@ impl SettingsDocRef<'_> {
         sort_dedup(&mut self.hide_phone_numbers_for_user_ids);
     }
 
+    /// The document's JSON, byte for byte what `serde_json` writes for it (stored hashes stay
+    /// valid), written directly: its keys are constants, and a value with nothing to escape is
+    /// copied as it is. An account's document is serialized every cycle to be hashed.
+    pub fn to_json(&self) -> Vec<u8> {
+        let roles: usize = self
+            .user_roles
+            .iter()
+            .map(|r| 96 + r.user_id.len() + r.channel_id.len())
+            .sum();
+        let hidden: usize = self
+            .hide_phone_numbers_for_user_ids
+            .iter()
+            .map(|id| 3 + id.len())
+            .sum();
+        let mut out = Vec::with_capacity(128 + roles + hidden);
+        out.extend_from_slice(br#"{"user_roles":["#);
+        for (i, r) in self.user_roles.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(br#"{"user_id":"#);
+            json_string(&mut out, &r.user_id);
+            out.extend_from_slice(br#","channel_id":"#);
+            json_string(&mut out, &r.channel_id);
+            out.extend_from_slice(br#","role":""#);
+            out.extend_from_slice(r.role.as_str().as_bytes());
+            out.extend_from_slice(br#"","allow_get_new_clients":"#);
+            out.extend_from_slice(json_bool(r.allow_get_new_clients));
+            out.push(b'}');
+        }
+        out.extend_from_slice(br#"],"hide_phone_numbers_for_user_ids":["#);
+        for (i, id) in self.hide_phone_numbers_for_user_ids.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json_string(&mut out, id);
+        }
+        out.extend_from_slice(br#"],"push_input_output_message_events_for_managers":"#);
+        out.extend_from_slice(json_bool(
+            self.push_input_output_message_events_for_managers,
+        ));
+        out.push(b'}');
+        out
+    }
+
     pub fn to_owned_doc(&self) -> SettingsDoc {
         SettingsDoc {
             user_roles: self.user_roles.iter().map(|&r| r.clone()).collect(),
@@ -101,6 +146,22 @@ impl SettingsDocRef<'_> {
                 .push_input_output_message_events_for_managers,
         }
     }
+}
+
+/// A JSON string as `serde_json` writes it: quoted, with `"`, `\\` and control characters
+/// escaped (by `serde_json` itself, for the rare value that has one).
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *out, s).expect("a string serializes");
+    }
+}
+
+fn json_bool(b: bool) -> &'static [u8] {
+    if b { b"true" } else { b"false" }
 }
 
 #[cfg(test)]
@@ -133,11 +194,54 @@ mod tests {
         owned.canonicalize();
         let json = serde_json::to_string(&borrowed).unwrap();
         assert_eq!(json, serde_json::to_string(&owned).unwrap());
+        assert_eq!(borrowed.to_json(), json.as_bytes());
         assert!(
             json.starts_with(r#"{"user_roles":[{"user_id":"1","#),
             "{json}"
         );
         assert!(json.ends_with(r#""hide_phone_numbers_for_user_ids":["1","2"],"push_input_output_message_events_for_managers":true}"#), "{json}");
+    }
+
+    #[test]
+    fn the_written_json_is_serde_json_s_for_any_text() {
+        let texts = [
+            "",
+            "plain",
+            "a\"quote",
+            "back\\slash",
+            "tab\tnew\nline\r",
+            "\u{1}\u{1f}\u{7f}",
+            "/slash",
+            "Jānis Bērziņš",
+            "日本語",
+            "emoji 🙂",
+            "\u{2028}\u{2029}",
+        ];
+        for (i, t) in texts.iter().enumerate() {
+            let roles = [RoleEntry {
+                user_id: t.to_string(),
+                channel_id: texts[(i + 1) % texts.len()].to_string(),
+                role: [Role::Seller, Role::Manager, Role::Auditor][i % 3],
+                allow_get_new_clients: i % 2 == 0,
+            }];
+            for hidden in [vec![], vec![*t], vec![*t, "x"]] {
+                let doc = SettingsDocRef {
+                    user_roles: roles.iter().collect(),
+                    hide_phone_numbers_for_user_ids: hidden,
+                    push_input_output_message_events_for_managers: i % 2 == 1,
+                };
+                assert_eq!(
+                    String::from_utf8(doc.to_json()).unwrap(),
+                    serde_json::to_string(&doc).unwrap()
+                );
+            }
+        }
+        let empty = SettingsDocRef {
+            user_roles: vec![],
+            hide_phone_numbers_for_user_ids: vec![],
+            push_input_output_message_events_for_managers: false,
+        };
+        assert_eq!(empty.to_json(), serde_json::to_vec(&empty).unwrap());
     }
 
     #[test]
