@@ -398,8 +398,8 @@ mod tests {
         let users: Vec<SourceUser> = ids
             .iter()
             .map(|id| SourceUser {
-                id: Some(id.to_string()),
-                name: Some(format!("User {id}")),
+                id: Some((*id).into()),
+                name: Some(format!("User {id}").into()),
                 hide_phone: Some(*id == "2"),
                 ..Default::default()
             })
@@ -407,7 +407,7 @@ mod tests {
         let roles: Vec<SourceRole> = ids
             .iter()
             .map(|id| SourceRole {
-                user_id: Some(id.to_string()),
+                user_id: Some((*id).into()),
                 channel_id: Some("ch".into()),
                 role: Some("seller".into()),
                 allow_get_new_clients: Some(true),

@@ -177,7 +177,7 @@ async fn explain(
         crm_rows: rows
             .users
             .iter()
-            .filter(|u| u.id.as_ref() == Some(user))
+            .filter(|u| u.id.as_deref() == Some(user.as_str()))
             .map(masked_row)
             .collect(),
         sent_as: None,
@@ -345,8 +345,8 @@ fn role_rows(
                 (Ok(role), None) => (role.as_str().to_string(), "the exact API value".into()),
             };
             RoleRow {
-                channel_id: r.channel_id.clone(),
-                crm_role: r.role.clone(),
+                channel_id: r.channel_id.as_deref().map(str::to_string),
+                crm_role: r.role.as_deref().map(str::to_string),
                 allow_get_new_clients: r.allow_get_new_clients,
                 became,
                 because,

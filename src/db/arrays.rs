@@ -80,7 +80,7 @@ fn parse<'b, T>(
 /// The elements of a `text[]`, checked to be UTF-8 in one pass over all of them (a check per
 /// element costs more than its copy): joined, checked, then cut back at each element's end,
 /// where a character split between two elements fails.
-fn texts_of(bytes: &[u8]) -> Result<Vec<Option<String>>, String> {
+fn texts_of<T: for<'s> From<&'s str>>(bytes: &[u8]) -> Result<Vec<Option<T>>, String> {
     let elements = parse(bytes, Ok)?;
     let mut joined = Vec::with_capacity(elements.iter().flatten().map(|e| e.len()).sum());
     for e in elements.iter().flatten() {
@@ -94,7 +94,7 @@ fn texts_of(bytes: &[u8]) -> Result<Vec<Option<String>>, String> {
             e.map(|e| {
                 let piece = joined.get(at..at + e.len()).ok_or(NOT_UTF8)?;
                 at += e.len();
-                Ok(piece.to_string())
+                Ok(T::from(piece))
             })
             .transpose()
         })
@@ -116,13 +116,19 @@ fn int8(bytes: &[u8]) -> Result<i64, String> {
         .map_err(|_| "a bigint element that is not eight bytes".into())
 }
 
-/// A `text[]` column (NULL reads as no elements).
-pub fn texts(row: &PgRow, i: usize) -> Result<Vec<Option<String>>, sqlx::Error> {
+/// A `text[]` column (NULL reads as no elements), each value as a `String` or a `CrmText`.
+pub fn texts<T: for<'s> From<&'s str>>(
+    row: &PgRow,
+    i: usize,
+) -> Result<Vec<Option<T>>, sqlx::Error> {
     match elements(row, i, texts_of)? {
         Some(v) => Ok(v),
         None => Ok(row
             .try_get_unchecked::<Option<Vec<Option<String>>>, _>(i)?
-            .unwrap_or_default()),
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.as_deref().map(T::from))
+            .collect()),
     }
 }
 
@@ -181,7 +187,7 @@ mod tests {
             &[Some(b"u1"), None, Some("Jānis".as_bytes()), Some(b"")],
         );
         assert_eq!(
-            texts_of(&b).unwrap(),
+            texts_of::<String>(&b).unwrap(),
             [
                 Some("u1".to_string()),
                 None,
@@ -197,24 +203,24 @@ mod tests {
             .iter()
             .flat_map(|v| v.to_be_bytes())
             .collect::<Vec<u8>>();
-        assert!(texts_of(&empty).unwrap().is_empty());
+        assert!(texts_of::<String>(&empty).unwrap().is_empty());
     }
 
     #[test]
     fn a_damaged_array_is_an_error_never_a_panic() {
         let b = array(25, &[Some(b"abc"), Some(b"def")]);
         for cut in 0..b.len() {
-            assert!(texts_of(&b[..cut]).is_err(), "cut at {cut}");
+            assert!(texts_of::<String>(&b[..cut]).is_err(), "cut at {cut}");
         }
-        assert!(texts_of(&array(25, &[Some(&[0xff, 0xfe])])).is_err());
+        assert!(texts_of::<String>(&array(25, &[Some(&[0xff, 0xfe])])).is_err());
         // "ā" is two bytes: split between two elements, each alone is not UTF-8.
-        assert!(texts_of(&array(25, &[Some(&[0xc4]), Some(&[0x81])])).is_err());
-        assert!(texts_of(&array(25, &[Some(&[0xc4, 0x81])])).is_ok());
+        assert!(texts_of::<String>(&array(25, &[Some(&[0xc4]), Some(&[0x81])])).is_err());
+        assert!(texts_of::<String>(&array(25, &[Some(&[0xc4, 0x81])])).is_ok());
         assert!(parse(&array(20, &[Some(&[1, 2])]), int8).is_err());
         let two_dims = [2i32, 0, 25]
             .iter()
             .flat_map(|v| v.to_be_bytes())
             .collect::<Vec<u8>>();
-        assert!(texts_of(&two_dims).is_err());
+        assert!(texts_of::<String>(&two_dims).is_err());
     }
 }

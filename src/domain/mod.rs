@@ -25,13 +25,16 @@ pub use user::{
 /// The mirror of one account: user id → hash of the payload Wazzup acknowledged.
 pub type Mirror = foldhash::HashMap<String, String>;
 
+/// A CRM value as read: kept inline when it is short (up to 24 bytes), as most are.
+pub type CrmText = compact_str::CompactString;
+
 /// A users-query row as read from the CRM (its account is the one it was handed over with);
 /// every field may be missing or NULL.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SourceUser {
-    pub id: Option<String>,
-    pub name: Option<String>,
-    pub phone: Option<String>,
+    pub id: Option<CrmText>,
+    pub name: Option<CrmText>,
+    pub phone: Option<CrmText>,
     pub hide_phone: Option<bool>,
     /// PostgreSQL's hash of the whole row (`hashtextextended(row::text, 0)`), when read with it.
     pub row_hash: Option<i64>,
@@ -40,9 +43,9 @@ pub struct SourceUser {
 /// A roles-query row as read from the CRM (its account is the one it was handed over with).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SourceRole {
-    pub user_id: Option<String>,
-    pub channel_id: Option<String>,
-    pub role: Option<String>,
+    pub user_id: Option<CrmText>,
+    pub channel_id: Option<CrmText>,
+    pub role: Option<CrmText>,
     pub allow_get_new_clients: Option<bool>,
 }
 

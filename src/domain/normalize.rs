@@ -90,7 +90,7 @@ fn read_users(
             Ok((id, name)) => candidates.push(read_user(id, name, u, opts, cache, out)),
             Err((code, message)) => {
                 if let Some(id) = &u.id {
-                    out.rejected_user_ids.insert(id.clone());
+                    out.rejected_user_ids.insert(id.to_string());
                 }
                 out.rejected.push(refuse(u, code, message));
             }

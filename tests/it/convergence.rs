@@ -109,9 +109,9 @@ async fn source_rows(db: &TestDb) -> (Vec<SourceUser>, Vec<SourceRole>) {
         users
             .into_iter()
             .map(|(id, name, phone, hide)| SourceUser {
-                id: Some(id),
-                name: Some(name),
-                phone,
+                id: Some(id.into()),
+                name: Some(name.into()),
+                phone: phone.map(Into::into),
                 hide_phone: hide,
                 row_hash: None,
             })
@@ -119,9 +119,9 @@ async fn source_rows(db: &TestDb) -> (Vec<SourceUser>, Vec<SourceRole>) {
         roles
             .into_iter()
             .map(|(u, c, r, a)| SourceRole {
-                user_id: Some(u),
-                channel_id: Some(c),
-                role: Some(r),
+                user_id: Some(u.into()),
+                channel_id: Some(c.into()),
+                role: Some(r.into()),
                 allow_get_new_clients: a,
             })
             .collect(),
