@@ -417,7 +417,7 @@ mod tests {
             &users,
             &roles,
             &NormalizeOptions::default(),
-            &Default::default(),
+            &mut Default::default(),
         )
     }
 

@@ -158,7 +158,7 @@ async fn explain(
         &rows.users,
         &rows.roles,
         engine.normalize(),
-        &Default::default(),
+        &mut Default::default(),
     );
     let migrated = state::is_migrated(&engine.state, &engine.settings.state.schema).await?;
     let mut report = AccountReport::new(&account.account_id);

@@ -7,7 +7,9 @@ use foldhash::{HashMap as FastMap, HashSet as FastSet};
 
 use phonenumber::country::Id as Region;
 
-use super::phone::{Phone, RememberedUsers, mask_phone, mask_raw_phone, phone_source, read_phone};
+use super::phone::{
+    Phone, Remembered, RememberedUsers, mask_phone, mask_raw_phone, phone_source, read_phone,
+};
 use super::role::{Role, RoleEntry, read_role_rows};
 use super::user::{
     ValidUser, check_user, compare_parsed, id_number, refuse, row_payload, user_hash,
@@ -42,11 +44,13 @@ pub struct NormalizeOptions {
 }
 
 /// Validates and normalizes one account's rows.
+/// What `cache` remembers of a user recognised by its unchanged row is moved out of it into
+/// the user.
 pub fn normalize_account(
     users: &[SourceUser],
     roles: &[SourceRole],
     opts: &NormalizeOptions,
-    cache: &RememberedUsers,
+    cache: &mut RememberedUsers,
 ) -> Normalized {
     let mut out = Normalized::default();
     let candidates = read_users(users, opts, cache, &mut out);
@@ -63,7 +67,7 @@ pub fn normalize_account(
 fn read_users(
     users: &[SourceUser],
     opts: &NormalizeOptions,
-    cache: &RememberedUsers,
+    cache: &mut RememberedUsers,
     out: &mut Normalized,
 ) -> Vec<ValidUser> {
     let mut rows_of: FastMap<&str, usize> = FastMap::default();
@@ -124,29 +128,35 @@ fn refuse_duplicate_id(users: &[SourceUser], first: &SourceUser, id: &str) -> Re
 fn unchanged_user(
     u: &SourceUser,
     opts: &NormalizeOptions,
-    cache: &RememberedUsers,
+    cache: &mut RememberedUsers,
     out: &mut Normalized,
 ) -> Option<ValidUser> {
     let id = u.id.as_deref()?;
     let salted = u.row_hash? ^ opts.row_salt;
     let remembered = cache.get(id)?;
-    let row = remembered
+    let same_row = remembered
         .row
         .as_ref()
-        .filter(|r| r.source_hash == salted)?;
-    let (phone_source, phone, phone_valid) = match &remembered.phone {
-        None => (None, None, false),
-        Some((_, None, _)) => return None,
-        Some((source, Some(digits), valid)) => (Some(source.clone()), Some(digits.clone()), *valid),
+        .is_some_and(|r| r.source_hash == salted);
+    let phone_read = !matches!(remembered.phone, Some((_, None, _)));
+    if !(same_row && phone_read) {
+        return None;
+    }
+    // Recognised: what the mirror remembers becomes the user, moved rather than copied.
+    let Remembered { phone, row } = cache.remove(id)?;
+    let row = row?;
+    let (phone_source, phone, phone_valid) = match phone {
+        Some((source, Some(digits), valid)) => (Some(source), Some(digits), valid),
+        _ => (None, None, false),
     };
     out.phone_not_valid += usize::from(phone.is_some() && !phone_valid);
     Some(ValidUser {
         payload: UserPayload {
             id: id.to_string(),
-            name: row.name.clone(),
+            name: row.name,
             phone,
         },
-        hash: row.hash.clone(),
+        hash: row.hash,
         hide_phone: row.hide_phone,
         phone_source,
         phone_valid,
@@ -240,6 +250,8 @@ fn keep_unique_phones(candidates: Vec<ValidUser>, out: &mut Normalized) {
         });
     }
     drop(owner_of);
+    // Reserved at once: a user is large, and growing the list step by step copies it over.
+    out.users.reserve(candidates.len() - refused.len());
     out.users.extend(
         candidates
             .into_iter()
@@ -294,7 +306,7 @@ mod tests {
             ],
             &[],
             &ru(),
-            &RememberedUsers::default(),
+            &mut RememberedUsers::default(),
         );
         let ids: Vec<_> = n.users.iter().map(|u| u.payload.id.as_str()).collect();
         assert_eq!(ids, ["1", "2"]);
@@ -319,14 +331,14 @@ mod tests {
             &[user("1", "A", Some("+371 26 123 456"))],
             &[],
             &ru(),
-            &cache,
+            &mut cache,
         );
         assert_eq!(n.users[0].payload.phone.as_deref(), Some("37100000000"));
         let n = normalize_account(
             &[user("1", "A", Some("+371 26 123 457"))],
             &[],
             &ru(),
-            &cache,
+            &mut cache,
         );
         assert_eq!(n.users[0].payload.phone.as_deref(), Some("37126123457"));
         let lv = NormalizeOptions {
@@ -334,7 +346,12 @@ mod tests {
             role_map: BTreeMap::new(),
             row_salt: 7,
         };
-        let n = normalize_account(&[user("1", "A", Some("+371 26 123 456"))], &[], &lv, &cache);
+        let n = normalize_account(
+            &[user("1", "A", Some("+371 26 123 456"))],
+            &[],
+            &lv,
+            &mut cache,
+        );
         assert_eq!(
             n.users[0].payload.phone.as_deref(),
             Some("37126123456"),
@@ -365,7 +382,7 @@ mod tests {
     fn an_unchanged_row_becomes_the_remembered_user_without_being_read() {
         let mut row = user("1", "A", Some("+371 26 123 456"));
         row.row_hash = Some(42);
-        let n = normalize_account(&[row.clone()], &[], &ru(), &remembered_row());
+        let n = normalize_account(&[row.clone()], &[], &ru(), &mut remembered_row());
         let u = &n.users[0];
         assert_eq!(u.payload.name, "Remembered");
         assert_eq!(u.payload.phone.as_deref(), Some("37100000000"));
@@ -382,7 +399,7 @@ mod tests {
 
         // Another row hash, or another salt: the row is read as it is.
         row.row_hash = Some(43);
-        let n = normalize_account(&[row.clone()], &[], &ru(), &remembered_row());
+        let n = normalize_account(&[row.clone()], &[], &ru(), &mut remembered_row());
         assert_eq!(n.users[0].payload.name, "A");
         assert_eq!(n.users[0].source_hash, Some(43 ^ 7));
         row.row_hash = Some(42);
@@ -390,7 +407,7 @@ mod tests {
             row_salt: 8,
             ..ru()
         };
-        let n = normalize_account(&[row], &[], &other_salt, &remembered_row());
+        let n = normalize_account(&[row], &[], &other_salt, &mut remembered_row());
         assert_eq!(n.users[0].payload.name, "A");
     }
 
@@ -398,7 +415,7 @@ mod tests {
     fn an_unchanged_row_of_a_repeated_id_is_still_refused() {
         let mut row = user("1", "A", None);
         row.row_hash = Some(42);
-        let n = normalize_account(&[row.clone(), row], &[], &ru(), &remembered_row());
+        let n = normalize_account(&[row.clone(), row], &[], &ru(), &mut remembered_row());
         assert!(n.users.is_empty());
         assert_eq!(n.rejected[0].code, "duplicate_id");
     }
@@ -409,7 +426,7 @@ mod tests {
         cache.get_mut("1").unwrap().phone = Some(("RU|n/a".into(), None, false));
         let mut row = user("1", "A", Some("n/a"));
         row.row_hash = Some(42);
-        let n = normalize_account(&[row], &[], &ru(), &cache);
+        let n = normalize_account(&[row], &[], &ru(), &mut cache);
         assert_eq!(n.users[0].payload.name, "A");
         assert_eq!(n.phone_warnings, 1);
     }
@@ -420,7 +437,7 @@ mod tests {
             &[user("1", "A", Some("n/a"))],
             &[],
             &ru(),
-            &RememberedUsers::default(),
+            &mut RememberedUsers::default(),
         );
         assert_eq!(n.users[0].payload.phone, None);
         assert_eq!(n.users[0].unreadable_phone.as_deref(), Some("n/a"));
@@ -437,7 +454,7 @@ mod tests {
             ],
             &[],
             &ru(),
-            &RememberedUsers::default(),
+            &mut RememberedUsers::default(),
         );
         assert_eq!(n.users.len(), 1);
         assert_eq!(n.users[0].payload.id, "9");
@@ -457,7 +474,7 @@ mod tests {
             ],
             &[],
             &ru(),
-            &RememberedUsers::default(),
+            &mut RememberedUsers::default(),
         );
         let kept: Vec<_> = n.users.iter().map(|u| u.payload.id.as_str()).collect();
         assert_eq!(kept, ["11", "9"], "sorted by id as text");
@@ -476,7 +493,7 @@ mod tests {
             ],
             &[role("1", "ch", "seller")],
             &ru(),
-            &RememberedUsers::default(),
+            &mut RememberedUsers::default(),
         );
         assert_eq!(n.users.len(), 1);
         let dups: Vec<_> = n
@@ -508,7 +525,7 @@ mod tests {
                 role("7", "c1", "seller"),
             ],
             &opts,
-            &RememberedUsers::default(),
+            &mut RememberedUsers::default(),
         );
         assert_eq!(n.roles.len(), 2);
         assert_eq!(n.roles[1].role, Role::Manager);
@@ -529,7 +546,7 @@ mod tests {
                 role("1", "c2", "auditor"),
             ],
             &ru(),
-            &RememberedUsers::default(),
+            &mut RememberedUsers::default(),
         );
         assert_eq!(n.roles.len(), 1);
         assert_eq!(n.roles[0].channel_id, "c2");
@@ -550,7 +567,7 @@ mod tests {
             ],
             &[],
             &ru(),
-            &RememberedUsers::default(),
+            &mut RememberedUsers::default(),
         );
         assert_eq!(n.users.len(), 2, "SQL-looking and bidi names are data");
         assert_eq!(n.rejected.len(), 3);

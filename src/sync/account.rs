@@ -61,9 +61,9 @@ impl Engine {
             // The state reads that open the cycle share one session: each query handed back to
             // the pool would cost a round trip of its own.
             let mut session = self.state.acquire().await?;
-            let (mirror, phones) =
+            let (mirror, mut phones) =
                 state::load_mirror_and_phones(&mut *session, &account.account_id).await?;
-            let norm = normalize_account(&users, &roles, &self.normalize, &phones);
+            let norm = normalize_account(&users, &roles, &self.normalize, &mut phones);
             drop((users, roles));
             let unremembered = unremembered_rows(&norm, &mirror, &phones);
             state::remember_rows(&mut *session, &account.account_id, &unremembered).await?;

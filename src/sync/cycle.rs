@@ -164,14 +164,14 @@ impl Engine {
             report.roles_read = roles.len();
             let outcome = if opts.dry_run {
                 // Phones read in earlier cycles are not parsed again.
-                let cache = if mirror_exists {
+                let mut cache = if mirror_exists {
                     state::load_remembered(&self.state, &account.account_id)
                         .await
                         .unwrap_or_default()
                 } else {
                     Default::default()
                 };
-                let norm = normalize_account(&users, &roles, &self.normalize, &cache);
+                let norm = normalize_account(&users, &roles, &self.normalize, &mut cache);
                 drop((cache, users, roles));
                 self.plan_account(&account, &norm, mirror_exists, opts, &mut report)
                     .await

@@ -163,7 +163,7 @@ async fn random_changes_and_faults_converge_once_the_faults_stop() {
             role_map: Default::default(),
             row_salt: 0,
         };
-        let norm = normalize_account(&users, &roles, &opts, &Default::default());
+        let norm = normalize_account(&users, &roles, &opts, &mut Default::default());
         let held = sim.users("tok-1");
         let dead = db.open_dead_letters().await;
         let dead_keys: HashMap<(String, String), &DeadLetter> = dead
