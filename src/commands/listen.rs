@@ -17,7 +17,7 @@ const PROBE_PREFIX: &str = "wazzup-sync:probe:";
 /// A session for LISTEN: `source.listen_url` (a direct connection), or the CRM URL.
 pub(super) fn listen_pool(settings: &Settings) -> anyhow::Result<sqlx::PgPool> {
     let opts = source::connect_options(settings.listen_url())?;
-    Ok(sqlx::postgres::PgPoolOptions::new()
+    Ok(crate::db::pool_options()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(settings.source.connect_timeout_secs))
         .connect_lazy_with(opts))

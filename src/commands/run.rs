@@ -92,12 +92,21 @@ async fn run_cycles(
 ) {
     let grace = Duration::from_secs(engine.settings.sync.shutdown_grace_secs);
     let mut failures = FailureLog::default();
+    let mut quiet = false;
     loop {
         let opts = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
             opts = triggers.next() => opts,
+            // Quiet for a while: the sessions the cycle left idle are closed.
+            () = tokio::time::sleep(crate::db::IDLE_TIMEOUT), if !quiet => {
+                crate::db::close_idle(&engine.source).await;
+                crate::db::close_idle(&engine.state).await;
+                quiet = true;
+                continue;
+            }
         };
+        quiet = false;
         let cycle = engine.run_cycle(&opts);
         tokio::pin!(cycle);
         let result = tokio::select! {

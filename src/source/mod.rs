@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::AssertSqlSafe;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool};
 
 use crate::config::Settings;
 use crate::domain::{SourceRole, SourceUser};
@@ -115,13 +115,12 @@ pub fn connect_options(url: &SecretString) -> Result<PgConnectOptions, sqlx::Err
     Ok(sqlx::ConnectOptions::disable_statement_logging(opts))
 }
 
-/// Opens the CRM pool; idle sessions are closed, so a quiet daemon holds none.
+/// Opens the CRM pool; `run` closes its idle sessions, so a quiet daemon holds none.
 pub fn connect(settings: &Settings) -> Result<PgPool, sqlx::Error> {
     let opts = connect_options(&settings.source.url)?;
-    Ok(PgPoolOptions::new()
+    Ok(crate::db::pool_options()
         .max_connections(settings.source.max_connections.max(1))
         .acquire_timeout(Duration::from_secs(settings.source.connect_timeout_secs))
-        .idle_timeout(crate::db::IDLE_TIMEOUT)
         .connect_lazy_with(opts))
 }
 

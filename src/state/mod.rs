@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 use sqlx::AssertSqlSafe;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool};
 
 use crate::config::Settings;
 
@@ -48,11 +48,10 @@ fn connect_options(settings: &Settings) -> std::result::Result<PgConnectOptions,
 /// tables can never land in another schema.
 pub fn connect(settings: &Settings) -> std::result::Result<PgPool, sqlx::Error> {
     let schema = settings.state.schema.clone();
-    Ok(PgPoolOptions::new()
+    Ok(crate::db::pool_options()
         // Each account in flight holds one session for its lock and uses one more for its queries.
         .max_connections(pool_size(settings))
         .acquire_timeout(Duration::from_secs(settings.state.connect_timeout_secs))
-        .idle_timeout(crate::db::IDLE_TIMEOUT)
         // sqlx already checks a session when it goes back to the pool; checking it again when
         // it is taken would cost every state query a second round trip. A session that died
         // in between fails its query, and that account's cycle says so and is retried.

@@ -509,7 +509,7 @@ async fn a_quiet_daemon_releases_its_idle_connections_and_keeps_only_the_listen_
     }
     assert_eq!(sim.users("tok-4").len(), 20, "the first cycle ran");
 
-    // Idle sessions are closed after 10 s; the reaper looks every 10 s.
+    // Once no cycle has run for 10 s, the daemon closes the idle sessions.
     let mut held = i64::MAX;
     for _ in 0..40 {
         held = daemon_sessions(&db).await;
