@@ -9,24 +9,31 @@
 use sqlx::postgres::{PgRow, PgValueFormat};
 use sqlx::{Row, ValueRef};
 
-/// The elements of column `i` of `row`, read from its bytes by `read`; empty when the column
-/// is NULL, None when it came in text format.
-fn elements<T>(
+/// The elements of column `i` of `row` (none when it is NULL), read from its bytes by `read`.
+/// A value in text format is left to the driver, as `D`, and turned into `T` by `from`.
+fn elements<T, D>(
     row: &PgRow,
     i: usize,
     read: impl Fn(&[u8]) -> Result<Vec<Option<T>>, String>,
-) -> Result<Option<Vec<Option<T>>>, sqlx::Error> {
+    from: impl Fn(D) -> T,
+) -> Result<Vec<Option<T>>, sqlx::Error>
+where
+    D: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+{
     let value = row.try_get_raw(i)?;
     if value.is_null() {
-        return Ok(Some(Vec::new()));
+        return Ok(Vec::new());
     }
     if value.format() != PgValueFormat::Binary {
-        return Ok(None);
+        let values: Option<Vec<Option<D>>> = row.try_get_unchecked(i)?;
+        return Ok(values
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.map(&from))
+            .collect());
     }
     let bytes = value.as_bytes().map_err(sqlx::Error::Decode)?;
-    read(bytes)
-        .map(Some)
-        .map_err(|why| sqlx::Error::Decode(format!("column {i}: {why}").into()))
+    read(bytes).map_err(|why| sqlx::Error::Decode(format!("column {i}: {why}").into()))
 }
 
 /// Walks an array's binary form: ndim, a flag, the element type, (length, lower bound) per
@@ -121,35 +128,17 @@ pub fn texts<T: for<'s> From<&'s str>>(
     row: &PgRow,
     i: usize,
 ) -> Result<Vec<Option<T>>, sqlx::Error> {
-    match elements(row, i, texts_of)? {
-        Some(v) => Ok(v),
-        None => Ok(row
-            .try_get_unchecked::<Option<Vec<Option<String>>>, _>(i)?
-            .unwrap_or_default()
-            .into_iter()
-            .map(|v| v.as_deref().map(T::from))
-            .collect()),
-    }
+    elements(row, i, texts_of, |s: String| T::from(&s))
 }
 
 /// A `bool[]` column (NULL reads as no elements).
 pub fn bools(row: &PgRow, i: usize) -> Result<Vec<Option<bool>>, sqlx::Error> {
-    match elements(row, i, |b| parse(b, boolean))? {
-        Some(v) => Ok(v),
-        None => Ok(row
-            .try_get_unchecked::<Option<Vec<Option<bool>>>, _>(i)?
-            .unwrap_or_default()),
-    }
+    elements(row, i, |b| parse(b, boolean), |v: bool| v)
 }
 
 /// An `int8[]` column (NULL reads as no elements).
 pub fn int8s(row: &PgRow, i: usize) -> Result<Vec<Option<i64>>, sqlx::Error> {
-    match elements(row, i, |b| parse(b, int8))? {
-        Some(v) => Ok(v),
-        None => Ok(row
-            .try_get_unchecked::<Option<Vec<Option<i64>>>, _>(i)?
-            .unwrap_or_default()),
-    }
+    elements(row, i, |b| parse(b, int8), |v: i64| v)
 }
 
 #[cfg(test)]

@@ -43,9 +43,8 @@ pub struct NormalizeOptions {
     pub row_salt: i64,
 }
 
-/// Validates and normalizes one account's rows.
-/// What `cache` remembers of a user recognised by its unchanged row is moved out of it into
-/// the user.
+/// Validates and normalizes one account's rows. What `cache` remembers of a user recognised
+/// by its unchanged row is moved out of it into the user.
 pub fn normalize_account(
     users: &[SourceUser],
     roles: &[SourceRole],

@@ -9,8 +9,8 @@ use wazzup_api::{Account, RequestStats};
 use super::report::{AccountOutcome, AccountReport};
 use super::{CycleOptions, Engine, Stop};
 use crate::domain::{
-    Mirror, Normalized, RememberedUsers, SourceRole, SourceUser, ValidUser, normalize_account,
-    token_fingerprint,
+    Entity, Mirror, Normalized, RememberedUsers, SourceRole, SourceUser, ValidUser,
+    normalize_account, token_fingerprint,
 };
 use crate::plan::{self, DeleteGuard, UserPlan};
 use crate::source::SourceAccount;
@@ -33,6 +33,13 @@ pub(super) struct Job<'a> {
 impl Job<'_> {
     pub fn id(&self) -> &str {
         &self.account.account_id
+    }
+
+    /// The dead letters of `entity` that were open as the cycle began.
+    pub fn open_of(&self, entity: Entity) -> impl Iterator<Item = &OpenDeadLetter> {
+        self.open
+            .iter()
+            .filter(move |d| d.is_open() && d.entity == entity)
     }
 }
 
@@ -110,11 +117,7 @@ impl Engine {
         }
         state::clear_source_fingerprint(&mut *session, id).await?;
         let open = state::open_dead_letters(&mut *session, id).await?;
-        // Drift repair changes what is pending; without it, pending is read now.
-        let pending = match opts.reconcile {
-            false => Some(state::load_pending(&mut *session, id).await?),
-            true => None,
-        };
+        let mut pending = state::load_pending(&mut *session, id).await?;
         crate::db::hand_back(session).await;
         let job = Job {
             account,
@@ -132,13 +135,10 @@ impl Engine {
             return Ok(outcome);
         }
         if opts.reconcile {
-            // Drift repair may have changed the mirror.
+            // Drift repair may have changed the mirror and what is pending.
             mirror = state::load_mirror(&self.state, id).await?;
+            pending = state::load_pending(&self.state, id).await?;
         }
-        let pending = match pending {
-            Some(p) => p,
-            None => state::load_pending(&self.state, id).await?,
-        };
         let plan = self.plan_for(&job, &mirror, &pending, report);
         let mut stop = self.users_stage(&job, &plan, &mut mirror, report).await?;
         self.close_dead_letters(&job, &mirror).await?;

@@ -22,9 +22,7 @@ impl Engine {
         let id = job.id();
         // Deletions refused in earlier cycles: their dead letters close when they land.
         let refused_before: foldhash::HashSet<&str> = job
-            .open
-            .iter()
-            .filter(|d| d.is_open() && d.entity == Entity::Delete)
+            .open_of(Entity::Delete)
             .map(|d| d.record_id.as_str())
             .collect();
         let mut queue = BatchQueue::new(ids.to_vec(), self.settings.sync.batch_size);

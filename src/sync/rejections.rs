@@ -115,15 +115,13 @@ impl Engine {
 
     /// A refused deletion is moot once its user is back in the CRM.
     pub(super) async fn close_returned_deletes(&self, job: &Job<'_>) -> Result<(), StateError> {
-        let open_delete = |d: &OpenDeadLetter| d.is_open() && d.entity == Entity::Delete;
-        if !job.open.iter().any(open_delete) {
+        if job.open_of(Entity::Delete).next().is_none() {
             return Ok(());
         }
         let crm_ids = crm_user_ids(job);
         let returned: Vec<String> = job
-            .open
-            .iter()
-            .filter(|d| open_delete(d) && crm_ids.contains(d.record_id.as_str()))
+            .open_of(Entity::Delete)
+            .filter(|d| crm_ids.contains(d.record_id.as_str()))
             .map(|d| d.record_id.clone())
             .collect();
         state::resolve(

@@ -48,9 +48,8 @@ impl Engine {
             }
         }
         let refused_before = job
-            .open
-            .iter()
-            .any(|d| d.is_open() && d.entity == Entity::Settings && d.record_id == SETTINGS_RECORD);
+            .open_of(Entity::Settings)
+            .any(|d| d.record_id == SETTINGS_RECORD);
         if refused_before && (!due || report.settings_pushed) {
             let record = [SETTINGS_RECORD.to_string()];
             state::resolve(
