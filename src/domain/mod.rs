@@ -3,6 +3,7 @@
 //! Pure: rows in, valid payloads and rejections out. One file per concept: [`user`],
 //! [`phone`], [`role`], [`settings`]; [`normalize`] puts them together for one account.
 
+pub mod e164;
 pub mod hash;
 pub mod normalize;
 pub mod phone;

@@ -61,6 +61,13 @@ pub fn normalize_phone(raw: &str, region: Option<Region>) -> Phone {
         return Phone::Unreadable;
     }
     let parse = |region: Option<Region>, s: &str| -> Option<(String, bool)> {
+        // The common international forms are read without libphonenumber's general parser,
+        // to the same result (see `e164`).
+        if region.is_none()
+            && let Some(reading) = super::e164::read(s)
+        {
+            return reading;
+        }
         let n = phonenumber::parse(region, s).ok()?;
         // E.164 without its `+`, written directly: the formatter would also match the
         // country's display formats, which E.164 does not use.
