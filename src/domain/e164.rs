@@ -262,6 +262,37 @@ mod tests {
     }
 
     #[test]
+    fn unusual_spacing_reads_as_libphonenumber_reads_it() {
+        let texts = [
+            "+7 912--345 67 89",
+            "+7 - 912 345 67 89",
+            "+7  912   345-67-89",
+            "+371 2-6-1-2-3-4-5-6",
+            "+1 650-253-0000",
+            "+44 7911 123456",
+            "+49 30 123456",
+            "+49 030 123456",
+            "+86 138 0013 8000",
+            "+55 11 91234-5678",
+            "+54 9 11 1234-5678",
+            "+52 1 55 1234 5678",
+            "+7 701 123 45 67",
+            "+590 690 00 12 34",
+            "+800 1234 5678",
+            "+882 3456 7890",
+        ];
+        let mut taken = 0;
+        for text in texts {
+            if let Some(fast) = read(text) {
+                taken += 1;
+                assert_eq!(fast, library(text), "{text}");
+            }
+        }
+        // Those with a national prefix after the country code go to libphonenumber.
+        assert!(taken >= 12, "{taken} of {} taken", texts.len());
+    }
+
+    #[test]
     fn leaves_other_forms_to_libphonenumber() {
         for text in [
             "37126123456",
