@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::Serialize;
 
 use crate::domain::{
-    Entity, Mirror, Normalized, Role, RoleEntry, SettingsDoc, SettingsDocRef, ValidUser,
+    CrmText, Entity, Mirror, Normalized, Role, RoleEntry, SettingsDoc, SettingsDocRef, ValidUser,
     mask_phone, reach,
 };
 
@@ -79,17 +79,25 @@ pub fn plan_users<'a>(
         let present: foldhash::HashSet<&str> =
             norm.users.iter().map(|u| u.payload.id.as_str()).collect();
         // Users sent but never recorded may be in Wazzup too: they are deleted as well.
-        let known: foldhash::HashSet<&String> = mirror.keys().chain(pending.iter()).collect();
+        let known: foldhash::HashSet<&str> = mirror
+            .keys()
+            .map(CrmText::as_str)
+            .chain(pending.iter().map(String::as_str))
+            .collect();
         let mut deletes: Vec<String> = known
             .into_iter()
-            .filter(|id| !present.contains(id.as_str()) && !norm.rejected_user_ids.contains(*id))
-            .cloned()
+            .filter(|id| !present.contains(id) && !norm.rejected_user_ids.contains(*id))
+            .map(str::to_string)
             .collect();
         deletes.sort();
         let before = deletes.len();
         deletes.retain(|id| !waiting.contains_key(&(Entity::Delete, id.clone())));
         plan.deletes_waiting = before - deletes.len();
-        let synced = mirror.len() + pending.iter().filter(|p| !mirror.contains_key(*p)).count();
+        let synced = mirror.len()
+            + pending
+                .iter()
+                .filter(|p| !mirror.contains_key(p.as_str()))
+                .count();
         let too_many = deletes.len() > guard.min
             && (deletes.len() as u128) * 100 > (synced as u128) * guard.max_percent as u128;
         if too_many && !guard.allowed {
@@ -263,7 +271,7 @@ pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
     let mut out = Vec::new();
     for u in &input.plan.creates {
         let change = Change::Create {
-            name: u.payload.name.clone(),
+            name: u.payload.name.to_string(),
             phone: u.payload.phone.as_deref().map(mask_phone),
         };
         out.push(record(&u.payload.id, change, false));
@@ -271,7 +279,7 @@ pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
     for u in &input.plan.updates {
         let before = input
             .mirrored
-            .get(&u.payload.id)
+            .get(u.payload.id.as_str())
             .cloned()
             .unwrap_or_default();
         let mut changes = BTreeMap::new();
@@ -280,11 +288,11 @@ pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
                 "name",
                 FieldChange {
                     from: before.name.clone(),
-                    to: Some(u.payload.name.clone()),
+                    to: Some(u.payload.name.to_string()),
                 },
             );
         }
-        if before.phone != u.payload.phone {
+        if before.phone.as_deref() != u.payload.phone.as_deref() {
             changes.insert(
                 "phone",
                 FieldChange {
@@ -334,7 +342,12 @@ fn role_changes(before: Option<&SettingsDoc>, after: &SettingsDoc) -> Vec<(Strin
         doc.map(|d| {
             d.user_roles
                 .iter()
-                .map(|r| ((r.user_id.clone(), r.channel_id.clone()), Access::of(r)))
+                .map(|r| {
+                    (
+                        (r.user_id.to_string(), r.channel_id.to_string()),
+                        Access::of(r),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default()
@@ -431,9 +444,9 @@ mod tests {
     fn new_changed_unchanged_and_gone_users_are_told_apart() {
         let n = norm(&["1", "2", "3"]);
         let mut mirror = Mirror::default();
-        mirror.insert("1".to_string(), n.users[0].hash.clone());
-        mirror.insert("2".to_string(), "old".to_string());
-        mirror.insert("9".to_string(), "x".to_string());
+        mirror.insert("1".into(), n.users[0].hash.clone());
+        mirror.insert("2".into(), "old".to_string());
+        mirror.insert("9".into(), "x".to_string());
         let p = plan_users(
             &n,
             &mirror,
@@ -453,7 +466,9 @@ mod tests {
     #[test]
     fn the_guard_holds_back_mass_deletion_unless_allowed() {
         let n = norm(&[]);
-        let mirror: Mirror = (0..10).map(|i| (i.to_string(), "h".to_string())).collect();
+        let mirror: Mirror = (0..10)
+            .map(|i| (i.to_string().into(), "h".to_string()))
+            .collect();
         let p = plan_users(&n, &mirror, &HashSet::new(), &Waiting::new(), true, GUARD);
         assert_eq!(p.deletes_blocked, Some((10, 10)));
         assert!(p.deletes.is_empty());
@@ -582,9 +597,9 @@ mod tests {
         n.users[2].hash = "new".into();
         n.users[1].unreadable_phone = Some("12".into());
         let mut mirror = Mirror::default();
-        mirror.insert("1".to_string(), n.users[0].hash.clone());
-        mirror.insert("3".to_string(), "old".to_string());
-        mirror.insert("9".to_string(), "old".to_string());
+        mirror.insert("1".into(), n.users[0].hash.clone());
+        mirror.insert("3".into(), "old".to_string());
+        mirror.insert("9".into(), "old".to_string());
         let p = plan_users(
             &n,
             &mirror,

@@ -310,7 +310,7 @@ fn describe_user(
     );
     e.hide_phone_numbers = valid.hide_phone;
     let mut sent = valid.payload.clone();
-    sent.phone = sent.phone.as_deref().map(mask_phone);
+    sent.phone = sent.phone.as_deref().map(|p| mask_phone(p).into());
     e.sent_as = Some(sent);
 }
 
@@ -426,7 +426,7 @@ async fn remote(
     }
     Ok(Remote {
         user: user.map(|mut u| {
-            u.phone = u.phone.as_deref().map(mask_phone);
+            u.phone = u.phone.as_deref().map(|p| mask_phone(p).into());
             u
         }),
         roles,

@@ -18,10 +18,12 @@ use std::cell::RefCell;
 use phonenumber::metadata::{DATABASE, Descriptor, Metadata};
 use regex::{Regex, RegexBuilder};
 
+use super::CrmText;
+
 /// The international digits and validity libphonenumber gives `text` (`+`, then digits, spaces
 /// and hyphens), as `Some(None)` when it does not read as a phone, or `None` when this reader
 /// does not take the form (libphonenumber must read it).
-pub fn read(text: &str) -> Option<Option<(String, bool)>> {
+pub fn read(text: &str) -> Option<Option<(CrmText, bool)>> {
     let digits = digits_of(text)?;
     if !(8..=15).contains(&digits.len()) {
         return None;
@@ -62,13 +64,13 @@ pub fn read(text: &str) -> Option<Option<(String, bool)>> {
 /// The digits of `+` followed by digits, spaces and hyphens, starting and ending with a digit;
 /// None for any other form. Hyphens only beside a space: without one, libphonenumber reads the
 /// text as RFC 3966, where the first group is the country code.
-fn digits_of(text: &str) -> Option<String> {
+fn digits_of(text: &str) -> Option<CrmText> {
     let rest = text.strip_prefix('+')?.as_bytes();
     if !rest.first()?.is_ascii_digit() || !rest.last()?.is_ascii_digit() {
         return None;
     }
     let spaced = rest.contains(&b' ');
-    let mut digits = String::with_capacity(rest.len());
+    let mut digits = CrmText::with_capacity(rest.len());
     for &b in rest {
         match b {
             b'0'..=b'9' => digits.push(char::from(b)),
@@ -178,9 +180,9 @@ mod tests {
     use super::*;
 
     /// libphonenumber's reading, as `normalize_phone` takes it.
-    fn library(text: &str) -> Option<(String, bool)> {
+    fn library(text: &str) -> Option<(CrmText, bool)> {
         let n = phonenumber::parse(None, text).ok()?;
-        let digits = format!("{}{}", n.code().value(), n.national());
+        let digits = compact_str::format_compact!("{}{}", n.code().value(), n.national());
         if !(8..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }

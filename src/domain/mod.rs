@@ -24,10 +24,10 @@ pub use user::{
 };
 
 /// The mirror of one account: user id → hash of the payload Wazzup acknowledged.
-pub type Mirror = foldhash::HashMap<String, String>;
+pub type Mirror = foldhash::HashMap<CrmText, String>;
 
 /// A CRM value as read: kept inline when it is short (up to 24 bytes), as most are.
-pub type CrmText = compact_str::CompactString;
+pub type CrmText = wazzup_api::Text;
 
 /// A users-query row as read from the CRM (its account is the one it was handed over with);
 /// every field may be missing or NULL.

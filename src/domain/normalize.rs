@@ -14,7 +14,7 @@ use super::role::{Role, RoleEntry, read_role_rows};
 use super::user::{
     ValidUser, check_user, compare_parsed, id_number, refuse, row_payload, user_hash,
 };
-use super::{Entity, Rejection, SourceRole, SourceUser, UserPayload};
+use super::{CrmText, Entity, Rejection, SourceRole, SourceUser, UserPayload};
 
 /// One account's CRM rows after normalization.
 #[derive(Debug, Default)]
@@ -25,7 +25,7 @@ pub struct Normalized {
     pub roles: Vec<RoleEntry>,
     pub rejected: Vec<Rejection>,
     /// Ids present in the CRM whose rows were refused: never deleted from Wazzup for that.
-    pub rejected_user_ids: HashSet<String>,
+    pub rejected_user_ids: HashSet<CrmText>,
     /// Phones that could not be read and were left out of the payload.
     pub phone_warnings: usize,
     /// Phones sent although libphonenumber does not consider them valid numbers.
@@ -80,7 +80,7 @@ fn read_users(
             && rows_of.get(id).copied().unwrap_or(0) > 1
         {
             if reported.insert(id) {
-                out.rejected_user_ids.insert(id.to_string());
+                out.rejected_user_ids.insert(id.into());
                 out.rejected.push(refuse_duplicate_id(users, u, id));
             }
             continue;
@@ -93,7 +93,7 @@ fn read_users(
             Ok((id, name)) => candidates.push(read_user(id, name, u, opts, cache, out)),
             Err((code, message)) => {
                 if let Some(id) = &u.id {
-                    out.rejected_user_ids.insert(id.to_string());
+                    out.rejected_user_ids.insert(id.clone());
                 }
                 out.rejected.push(refuse(u, code, message));
             }
@@ -151,7 +151,7 @@ fn unchanged_user(
     out.phone_not_valid += usize::from(phone.is_some() && !phone_valid);
     Some(ValidUser {
         payload: UserPayload {
-            id: id.to_string(),
+            id: id.into(),
             name: row.name,
             phone,
         },
@@ -167,8 +167,8 @@ fn unchanged_user(
 
 /// A checked row as it will be sent: its phone read (or left out when unreadable).
 fn read_user(
-    id: String,
-    name: String,
+    id: CrmText,
+    name: CrmText,
     u: &SourceUser,
     opts: &NormalizeOptions,
     cache: &RememberedUsers,
@@ -238,7 +238,7 @@ fn keep_unique_phones(candidates: Vec<ValidUser>, out: &mut Normalized) {
         out.rejected_user_ids.insert(c.payload.id.clone());
         out.rejected.push(Rejection {
             entity: Entity::User,
-            record_id: c.payload.id.clone(),
+            record_id: c.payload.id.to_string(),
             code: "duplicate_phone",
             message: format!(
                 "The phone {} is also the phone of user {:?}; Wazzup needs phones unique within an account",

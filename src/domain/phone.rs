@@ -2,14 +2,16 @@
 
 use phonenumber::country::Id as Region;
 
+use super::CrmText;
+
 /// A phone read in an earlier cycle: its source (the cache's key), its international digits
 /// (None when unreadable), and whether libphonenumber knows its range.
-pub type PhoneReading = (String, Option<String>, bool);
+pub type PhoneReading = (CrmText, Option<CrmText>, bool);
 
 /// What the mirror remembers of each user Wazzup acknowledged, by user id: the phone it was
 /// read from, and the CRM row it came from. A phone whose source is unchanged is not parsed
 /// again; a row that is unchanged is not normalized again.
-pub type RememberedUsers = foldhash::HashMap<String, Remembered>;
+pub type RememberedUsers = foldhash::HashMap<CrmText, Remembered>;
 
 /// What the mirror remembers of one user.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -22,17 +24,19 @@ pub struct Remembered {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RememberedRow {
     pub source_hash: i64,
-    pub name: String,
+    pub name: CrmText,
     pub hash: String,
     pub hide_phone: bool,
 }
 
 /// The key under which a phone's reading is cached: the region matters to the result.
-pub fn phone_source(raw: &str, region: Option<Region>) -> String {
-    format!(
-        "{}|{raw}",
-        region.map(|r| r.as_ref().to_string()).unwrap_or_default()
-    )
+pub fn phone_source(raw: &str, region: Option<Region>) -> CrmText {
+    let region: &str = region.as_ref().map(AsRef::as_ref).unwrap_or_default();
+    let mut key = CrmText::with_capacity(region.len() + 1 + raw.len());
+    key.push_str(region);
+    key.push('|');
+    key.push_str(raw);
+    key
 }
 
 /// The result of reading one phone number.
@@ -41,7 +45,7 @@ pub enum Phone {
     Missing,
     /// International digits without `+`; `valid` says whether libphonenumber knows the range.
     Parsed {
-        digits: String,
+        digits: CrmText,
         valid: bool,
     },
     Unreadable,
@@ -60,7 +64,7 @@ pub fn normalize_phone(raw: &str, region: Option<Region>) -> Phone {
     if trimmed.chars().any(|c| c.is_control()) || trimmed.len() > 64 {
         return Phone::Unreadable;
     }
-    let parse = |region: Option<Region>, s: &str| -> Option<(String, bool)> {
+    let parse = |region: Option<Region>, s: &str| -> Option<(CrmText, bool)> {
         // The common international forms are read without libphonenumber's general parser,
         // to the same result (see `e164`).
         if region.is_none()
@@ -71,7 +75,7 @@ pub fn normalize_phone(raw: &str, region: Option<Region>) -> Phone {
         let n = phonenumber::parse(region, s).ok()?;
         // E.164 without its `+`, written directly: the formatter would also match the
         // country's display formats, which E.164 does not use.
-        let digits = format!("{}{}", n.code().value(), n.national());
+        let digits = compact_str::format_compact!("{}{}", n.code().value(), n.national());
         if !(8..=15).contains(&digits.len()) || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }

@@ -116,8 +116,8 @@ pub(super) fn read_role_rows(
             .all(|(g, _)| g.role == first.role && g.new_clients == first.new_clients)
         {
             entries.push(RoleEntry {
-                user_id: first.user_id.to_string(),
-                channel_id: first.channel_id.to_string(),
+                user_id: first.user_id.into(),
+                channel_id: first.channel_id.into(),
                 role: first.role,
                 allow_get_new_clients: first.new_clients,
             });

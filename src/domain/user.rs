@@ -5,7 +5,7 @@ use std::cmp::Ordering;
 pub use wazzup_api::UserPayload;
 
 use super::hash::json_hash;
-use super::{Entity, Rejection, SourceUser};
+use super::{CrmText, Entity, Rejection, SourceUser};
 
 /// Longest user id Wazzup accepts, in characters.
 pub const MAX_ID_CHARS: usize = 64;
@@ -21,7 +21,7 @@ pub struct ValidUser {
     pub hash: String,
     pub hide_phone: bool,
     /// The region and CRM text the phone was read from (the phone cache's key).
-    pub phone_source: Option<String>,
+    pub phone_source: Option<CrmText>,
     /// Whether libphonenumber knows the phone's range.
     pub phone_valid: bool,
     /// The CRM's phone, masked, when it could not be read and the user is sent without one.
@@ -111,10 +111,10 @@ pub(super) fn refuse(u: &SourceUser, code: &'static str, message: String) -> Rej
 }
 
 /// The row's id and trimmed name, or why the row is refused.
-pub(super) fn check_user(u: &SourceUser) -> Result<(String, String), (&'static str, String)> {
+pub(super) fn check_user(u: &SourceUser) -> Result<(CrmText, CrmText), (&'static str, String)> {
     let id = check_id(u.id.as_deref())?;
     let name = check_name(u.name.as_deref())?;
-    Ok((id.to_string(), name.to_string()))
+    Ok((id.into(), name.into()))
 }
 
 fn check_id(id: Option<&str>) -> Result<&str, (&'static str, String)> {

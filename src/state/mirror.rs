@@ -8,7 +8,7 @@ use sqlx::postgres::PgPool;
 
 use super::Result;
 use crate::db::arrays::{bools, int8s, texts};
-use crate::domain::{Mirror, Remembered, RememberedRow, RememberedUsers, ValidUser};
+use crate::domain::{CrmText, Mirror, Remembered, RememberedRow, RememberedUsers, ValidUser};
 use crate::plan::LastPushed;
 
 /// The users bound by [`bind_users`], as a table `u` of the statement ($2 to $9).
@@ -27,7 +27,10 @@ pub async fn load_mirror(pool: &PgPool, account_id: &str) -> Result<Mirror> {
             .bind(account_id)
             .fetch_all(pool)
             .await?;
-    Ok(rows.into_iter().collect())
+    Ok(rows
+        .into_iter()
+        .map(|(id, hash)| (id.into(), hash))
+        .collect())
 }
 
 /// The last acknowledged name and phone of an account's users (for `plan --detail`).
@@ -118,7 +121,7 @@ pub async fn load_remembered(pool: &PgPool, account_id: &str) -> Result<Remember
 async fn fetch_remembered(
     db: impl PgExecutor<'_>,
     account_id: &str,
-) -> std::result::Result<Vec<(String, String, Remembered)>, sqlx::Error> {
+) -> std::result::Result<Vec<(CrmText, String, Remembered)>, sqlx::Error> {
     let row = sqlx::query(
         "SELECT array_agg(user_id), array_agg(hash), array_agg(phone_source), array_agg(phone),
                 array_agg(phone_valid), array_agg(source_hash), array_agg(name),
@@ -128,7 +131,8 @@ async fn fetch_remembered(
     .bind(account_id)
     .fetch_one(db)
     .await?;
-    let [ids, hashes, sources, phones, names] = [0, 1, 2, 3, 6].map(|i| texts(&row, i));
+    let [ids, sources, phones, names] = [0, 2, 3, 6].map(|i| texts::<CrmText>(&row, i));
+    let hashes = texts::<String>(&row, 1);
     let (valid, source_hashes, hide) = (bools(&row, 4)?, int8s(&row, 5)?, bools(&row, 7)?);
     let (ids, hashes) = (ids?, hashes?);
     let (sources, phones, names) = (sources?, phones?, names?);

@@ -79,11 +79,11 @@ impl Engine {
             match (remote.get(uid.as_str()), desired.get(uid.as_str())) {
                 (None, _) => {
                     report.drift_missing += 1;
-                    forget.push(uid.clone());
+                    forget.push(uid.to_string());
                 }
                 (Some(r), Some(d)) if **r != d.payload && *hash == d.hash => {
                     report.drift_changed += 1;
-                    forget.push(uid.clone());
+                    forget.push(uid.to_string());
                 }
                 _ => {}
             }

@@ -3,7 +3,7 @@
 
 use super::report::{AccountOutcome, AccountReport};
 use super::{CycleOptions, Engine};
-use crate::domain::{Normalized, settings_hash};
+use crate::domain::{CrmText, Normalized, settings_hash};
 use crate::plan;
 use crate::source::SourceAccount;
 use crate::state::{self, StateError};
@@ -53,7 +53,7 @@ impl Engine {
         report.would_delete = p.deletes.len();
         report.deletes_blocked = p.deletes_blocked;
         // Assume every due push lands, to show the settings the cycle would send.
-        let mut in_wazzup: foldhash::HashSet<&str> = mirror.keys().map(String::as_str).collect();
+        let mut in_wazzup: foldhash::HashSet<&str> = mirror.keys().map(CrmText::as_str).collect();
         in_wazzup.extend(p.creates.iter().map(|u| u.payload.id.as_str()));
         for d in &p.deletes {
             in_wazzup.remove(d.as_str());

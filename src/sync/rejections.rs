@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use super::Engine;
 use super::account::Job;
 use super::report::AccountReport;
-use crate::domain::{Entity, Mirror};
+use crate::domain::{CrmText, Entity, Mirror};
 use crate::plan::{SETTINGS_RECORD, Waiting};
 use crate::state::{self, DeadLetterKind, OpenDeadLetter, Resolution, StateError};
 
@@ -90,7 +90,7 @@ impl Engine {
             }
             match d.entity {
                 Entity::User => match valid.get(d.record_id.as_str()) {
-                    Some(h) if mirror.get(&d.record_id).map(String::as_str) == Some(*h) => {
+                    Some(h) if mirror.get(d.record_id.as_str()).map(String::as_str) == Some(*h) => {
                         synced.push(d.record_id.clone());
                     }
                     None if !crm_ids.contains(d.record_id.as_str()) => {
@@ -142,7 +142,7 @@ fn crm_user_ids<'a>(job: &'a Job<'_>) -> foldhash::HashSet<&'a str> {
         .users
         .iter()
         .map(|u| u.payload.id.as_str())
-        .chain(job.norm.rejected_user_ids.iter().map(String::as_str))
+        .chain(job.norm.rejected_user_ids.iter().map(CrmText::as_str))
         .collect()
 }
 

@@ -6,7 +6,7 @@ use wazzup_api::{ApiError, Bytes};
 use super::account::Job;
 use super::report::AccountReport;
 use super::{Engine, Stop};
-use crate::domain::{Entity, Mirror, SettingsDocRef, content_hash, mask_digits};
+use crate::domain::{CrmText, Entity, Mirror, SettingsDocRef, content_hash, mask_digits};
 use crate::plan::{self, SETTINGS_RECORD};
 use crate::state::{self, AccountState, RemoteRejection, Resolution, StateError};
 
@@ -22,7 +22,7 @@ impl Engine {
         blocked: bool,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
-        let mut in_wazzup: foldhash::HashSet<&str> = mirror.keys().map(String::as_str).collect();
+        let mut in_wazzup: foldhash::HashSet<&str> = mirror.keys().map(CrmText::as_str).collect();
         for d in deletes {
             in_wazzup.remove(d.as_str());
         }

@@ -14,7 +14,7 @@ use super::batch::{BatchQueue, Next, Refusal, Verdict};
 use super::progress::Progress;
 use super::report::AccountReport;
 use super::{Engine, Stop};
-use crate::domain::{Entity, Mirror, ValidUser, mask_digits};
+use crate::domain::{CrmText, Entity, Mirror, ValidUser, mask_digits};
 use crate::plan::UserPlan;
 use crate::state::{self, RemoteRejection, StateError};
 
@@ -22,7 +22,7 @@ use crate::state::{self, RemoteRejection, StateError};
 struct Push<'u> {
     queue: BatchQueue<&'u ValidUser>,
     /// (user id, hash) of every user Wazzup acknowledged.
-    acked: Vec<(String, String)>,
+    acked: Vec<(CrmText, String)>,
     rejected: usize,
     /// Why the records still held were refused.
     held: HashMap<String, RemoteRejection>,
@@ -103,7 +103,7 @@ impl Engine {
                 let creating: Vec<String> = send
                     .iter()
                     .filter(|u| is_create(u))
-                    .map(|u| u.payload.id.clone())
+                    .map(|u| u.payload.id.to_string())
                     .collect();
                 state::mark_pending(&self.state, acct.account_id, &creating).await?;
                 in_flight.push(async move {
@@ -126,7 +126,7 @@ impl Engine {
             .queue
             .take_held()
             .into_iter()
-            .filter_map(|u| push.held.remove(&u.payload.id))
+            .filter_map(|u| push.held.remove(u.payload.id.as_str()))
             .collect();
         self.record_refused(acct.account_id, held, push, report)
             .await?;
@@ -216,12 +216,12 @@ impl Engine {
             .get_all_users(acct)
             .await?
             .into_iter()
-            .map(|u| (u.id.clone(), u))
+            .map(|u| (u.id.to_string(), u))
             .collect();
         Ok(batch
             .iter()
             .copied()
-            .filter(|u| match remote.get(&u.payload.id) {
+            .filter(|u| match remote.get(u.payload.id.as_str()) {
                 // Wazzup drops a phone it finds malformed; the rest must match.
                 Some(r) => {
                     r.name == u.payload.name && (r.phone == u.payload.phone || r.phone.is_none())
@@ -302,7 +302,7 @@ impl<'u> Push<'u> {
             }
             Verdict::Held => {
                 let r = user_rejection(first, *status, code, description);
-                self.held.insert(first.payload.id.clone(), r);
+                self.held.insert(first.payload.id.to_string(), r);
                 Vec::new()
             }
             Verdict::Requeued => Vec::new(),
@@ -330,7 +330,7 @@ fn warn_unreadable_phones(due: &[&ValidUser]) {
 fn user_rejection(u: &ValidUser, status: u16, code: &str, description: &str) -> RemoteRejection {
     RemoteRejection {
         entity: Entity::User,
-        record_id: u.payload.id.clone(),
+        record_id: u.payload.id.to_string(),
         code: code.to_string(),
         message: if description.is_empty() {
             format!("Wazzup answered HTTP {status} {code}")

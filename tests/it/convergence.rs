@@ -173,13 +173,13 @@ async fn random_changes_and_faults_converge_once_the_faults_stop() {
         let synced: HashSet<String> = norm
             .users
             .iter()
-            .filter(|u| held.get(&u.payload.id) == Some(&u.payload))
-            .map(|u| u.payload.id.clone())
+            .filter(|u| held.get(u.payload.id.as_str()) == Some(&u.payload))
+            .map(|u| u.payload.id.to_string())
             .collect();
         for u in &norm.users {
             let id = &u.payload.id;
-            let dl = dead_keys.get(&("user".into(), id.clone()));
-            if synced.contains(id) {
+            let dl = dead_keys.get(&("user".into(), id.to_string()));
+            if synced.contains(id.as_str()) {
                 assert!(
                     dl.is_none(),
                     "seed {seed}: {id} is synced but has an open dead letter"
@@ -189,21 +189,22 @@ async fn random_changes_and_faults_converge_once_the_faults_stop() {
             // Only one refusal may remain: the phone is still held in Wazzup by another user
             // whose own record cannot move (frozen as last synced, or itself refused).
             let blocked_by_stale_holder = u.payload.phone.as_ref().is_some_and(|p| {
-                held.values()
-                    .any(|h| h.id != *id && h.phone.as_ref() == Some(p) && !synced.contains(&h.id))
+                held.values().any(|h| {
+                    h.id != *id && h.phone.as_ref() == Some(p) && !synced.contains(h.id.as_str())
+                })
             });
             assert!(
                 blocked_by_stale_holder
                     && dl.is_some_and(|d| d.error_code == "USER_ALREADY_EXISTS"),
                 "seed {seed}: {:?} is valid but Wazzup holds {:?}; dead letter: {dl:?}",
                 u.payload,
-                held.get(id)
+                held.get(id.as_str())
             );
         }
         for id in held.keys() {
             assert!(
                 norm.users.iter().any(|u| u.payload.id == *id)
-                    || norm.rejected_user_ids.contains(id),
+                    || norm.rejected_user_ids.contains(id.as_str()),
                 "seed {seed}: Wazzup holds {id}, which the CRM does not have"
             );
         }
@@ -220,7 +221,7 @@ async fn random_changes_and_faults_converge_once_the_faults_stop() {
         let want_roles: Vec<_> = norm
             .roles
             .iter()
-            .filter(|r| held.contains_key(&r.user_id))
+            .filter(|r| held.contains_key(r.user_id.as_str()))
             .cloned()
             .collect();
         let got_roles: Vec<_> = sim

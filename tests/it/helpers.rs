@@ -291,7 +291,7 @@ pub async fn crm_users(db: &TestDb, account: &str) -> BTreeMap<String, String> {
 pub fn sim_users(sim: &Simulator, token: &str) -> BTreeMap<String, String> {
     sim.users(token)
         .into_iter()
-        .map(|(k, v)| (k, v.name))
+        .map(|(k, v)| (k, v.name.to_string()))
         .collect()
 }
 

@@ -16,7 +16,7 @@ fn roles_in_wazzup(sim: &wazzup_sim::Simulator, token: &str) -> Vec<(String, Rol
     sim.settings(token)
         .user_roles
         .into_iter()
-        .map(|r| (r.user_id, r.role))
+        .map(|r| (r.user_id.to_string(), r.role))
         .collect()
 }
 

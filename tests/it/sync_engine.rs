@@ -957,7 +957,7 @@ async fn columns_of_any_case_and_text_like_type_are_read_per_account() {
         .settings("tok-2")
         .user_roles
         .iter()
-        .map(|r| (r.user_id.clone(), r.channel_id.clone()))
+        .map(|r| (r.user_id.to_string(), r.channel_id.to_string()))
         .collect();
     assert_eq!(
         roles,

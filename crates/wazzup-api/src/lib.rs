@@ -19,4 +19,4 @@ pub use classify::{classify, parse_retry_after};
 pub use client::{Account, ClientConfig, NoObserver, Observer, RequestStats, WazzupClient};
 pub use error::{ApiError, fold_code};
 pub use retry::RetryPolicy;
-pub use types::{Role, RoleEntry, SettingsDoc, SettingsDocRef, UserPayload};
+pub use types::{Role, RoleEntry, SettingsDoc, SettingsDocRef, Text, UserPayload};

@@ -2,6 +2,11 @@
 
 use serde::{Deserialize, Serialize};
 
+/// A string of the wire types: kept inline when short (up to 24 bytes), as ids, names, phones
+/// and channel ids mostly are, so a thousand users do not cost thousands of allocations. Its
+/// JSON is a plain string.
+pub type Text = compact_str::CompactString;
+
 /// A Wazzup role, as the API spells it. The UI's "Manager" is `seller`, "Supervisor" is
 /// `manager`, "Quality Control" is `auditor`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -36,17 +41,17 @@ impl Role {
 /// A user exactly as it is sent to `POST /v2/users`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UserPayload {
-    pub id: String,
-    pub name: String,
+    pub id: Text,
+    pub name: Text,
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub phone: Option<String>,
+    pub phone: Option<Text>,
 }
 
 /// One role assignment in the settings document.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RoleEntry {
-    pub user_id: String,
-    pub channel_id: String,
+    pub user_id: Text,
+    pub channel_id: Text,
     pub role: Role,
     pub allow_get_new_clients: bool,
 }
@@ -219,8 +224,8 @@ mod tests {
         ];
         for (i, t) in texts.iter().enumerate() {
             let roles = [RoleEntry {
-                user_id: t.to_string(),
-                channel_id: texts[(i + 1) % texts.len()].to_string(),
+                user_id: (*t).into(),
+                channel_id: texts[(i + 1) % texts.len()].into(),
                 role: [Role::Seller, Role::Manager, Role::Auditor][i % 3],
                 allow_get_new_clients: i % 2 == 0,
             }];

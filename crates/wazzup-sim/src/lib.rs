@@ -221,7 +221,7 @@ impl Simulator {
         let mut s = self.lock();
         let acct = s.accounts.get_mut(token).unwrap();
         for u in users {
-            acct.users.insert(u.id.clone(), u.clone());
+            acct.users.insert(u.id.to_string(), u.clone());
         }
     }
 
@@ -651,7 +651,7 @@ fn apply_users(
             .get("phone")
             .and_then(Value::as_str)
             .filter(|p| is_wazzup_phone(p))
-            .map(str::to_string);
+            .map(Into::into);
         parsed.push(UserPayload {
             id: id.into(),
             name: name.into(),
@@ -676,12 +676,12 @@ fn apply_users(
     let mut phones: HashMap<String, String> = acct
         .users
         .values()
-        .filter_map(|u| u.phone.clone().map(|p| (p, u.id.clone())))
+        .filter_map(|u| u.phone.as_ref().map(|p| (p.to_string(), u.id.to_string())))
         .collect();
     for u in &parsed {
         if let Some(p) = &u.phone {
-            match phones.get(p) {
-                Some(owner) if *owner != u.id => {
+            match phones.get(p.as_str()) {
+                Some(owner) if *owner != u.id.as_str() => {
                     return error(
                         StatusCode::BAD_REQUEST,
                         "USER_ALREADY_EXISTS",
@@ -690,7 +690,7 @@ fn apply_users(
                     );
                 }
                 _ => {
-                    phones.insert(p.clone(), u.id.clone());
+                    phones.insert(p.to_string(), u.id.to_string());
                 }
             }
         }
@@ -698,17 +698,17 @@ fn apply_users(
     if update_only {
         let parsed: Vec<_> = parsed
             .into_iter()
-            .filter(|u| acct.users.contains_key(&u.id))
+            .filter(|u| acct.users.contains_key(u.id.as_str()))
             .collect();
         let n = parsed.len();
         for u in parsed {
-            acct.users.insert(u.id.clone(), u);
+            acct.users.insert(u.id.to_string(), u);
         }
         return ok(json!({ "processed": n }));
     }
     let new = parsed
         .iter()
-        .filter(|u| !acct.users.contains_key(&u.id))
+        .filter(|u| !acct.users.contains_key(u.id.as_str()))
         .count();
     if acct.users.len() + new > acct.user_limit {
         return error(
@@ -723,7 +723,7 @@ fn apply_users(
         _ => parsed.len(),
     };
     for u in parsed.into_iter().take(applied) {
-        acct.users.insert(u.id.clone(), u);
+        acct.users.insert(u.id.to_string(), u);
     }
     ok(json!({ "processed": applied }))
 }
@@ -822,7 +822,7 @@ async fn users_delete(
             }
             acct.settings
                 .user_roles
-                .retain(|r| !ids.contains(&r.user_id));
+                .retain(|r| !ids.iter().any(|id| *id == r.user_id));
             acct.settings
                 .hide_phone_numbers_for_user_ids
                 .retain(|u| !ids.contains(u));
