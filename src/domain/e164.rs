@@ -62,8 +62,8 @@ pub fn read(text: &str) -> Option<Option<(CrmText, bool)>> {
 }
 
 /// The digits of `+` followed by digits, spaces and hyphens, starting and ending with a digit;
-/// None for any other form. Hyphens only beside a space: without one, libphonenumber reads the
-/// text as RFC 3966, where the first group is the country code.
+/// None for any other form. Hyphens only in a text that also has a space: without one,
+/// libphonenumber reads the text as RFC 3966, where the first group is the country code.
 fn digits_of(text: &str) -> Option<CrmText> {
     let rest = text.strip_prefix('+')?.as_bytes();
     if !rest.first()?.is_ascii_digit() || !rest.last()?.is_ascii_digit() {
@@ -166,8 +166,12 @@ fn matches_at_start(pattern: &'static str, text: &str) -> Option<bool> {
         let mut compiled = cell.borrow_mut();
         let re = compiled.entry(key).or_insert_with(|| {
             // The newline ends a comment the pattern may close with (`ignore_whitespace`).
+            // Without Unicode classes: the text is ASCII digits, which `\d` matches either
+            // way, and the compiled form is a fifth of the size (every region's patterns, about
+            // 1,400, take 28 MB instead of 150).
             RegexBuilder::new(&format!("^(?:{pattern}\n)"))
                 .ignore_whitespace(true)
+                .unicode(false)
                 .build()
                 .ok()
         });
