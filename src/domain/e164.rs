@@ -97,7 +97,10 @@ fn source_for(code: u16, national: &str) -> Option<Option<&'static Metadata>> {
         return Some(if *only == "001" {
             DATABASE.by_code(&code).and_then(|m| m.into_iter().next())
         } else {
-            DATABASE.by_id(*only)
+            // As libphonenumber: a region its country list does not name has no metadata.
+            only.parse::<phonenumber::country::Id>()
+                .ok()
+                .and_then(|id| DATABASE.by_id(id.as_ref()))
         });
     }
     for region in regions {
