@@ -40,8 +40,11 @@ pub fn read(text: &str) -> Option<Option<(CrmText, bool)>> {
     if national.bytes().all(|b| b == b'0') {
         return None;
     }
-    // The region the parser strips a national prefix for; a prefix to strip is its branch.
-    if let Some(meta) = source_for(code, national.trim_start_matches('0'))? {
+    // The region the parser strips a national prefix for (found from the number without its
+    // leading zeros); a prefix to strip is its branch.
+    let unpadded = national.trim_start_matches('0');
+    let parsing_meta = source_for(code, unpadded)?;
+    if let Some(meta) = parsing_meta {
         if let Some(parsing) = meta.national_prefix_for_parsing()
             && matches_at_start(parsing.as_str(), national)?
         {
@@ -54,7 +57,13 @@ pub fn read(text: &str) -> Option<Option<(CrmText, bool)>> {
             return None;
         }
     }
-    let valid = match source_for(code, national)? {
+    // Validity finds the region from the whole number: the same one, without leading zeros.
+    let valid_meta = if unpadded.len() == national.len() {
+        parsing_meta
+    } else {
+        source_for(code, national)?
+    };
+    let valid = match valid_meta {
         Some(meta) => known_type(meta, national)?,
         None => false,
     };
@@ -323,27 +332,16 @@ mod tests {
 
     #[test]
     fn reads_common_numbers() {
-        assert_eq!(
-            read("+371 26 123 456"),
-            Some(Some(("37126123456".into(), true)))
-        );
-        assert_eq!(
-            read("+7 912 345-67-89"),
-            Some(Some(("79123456789".into(), true)))
-        );
-        assert_eq!(
-            read("+1 650 253 0000"),
-            Some(Some(("16502530000".into(), true)))
-        );
-        assert_eq!(
-            read("+39 06 1234 5678"),
-            Some(Some(("390612345678".into(), true)))
-        );
-        // A known country code, a number outside its ranges: read, and not valid.
-        assert_eq!(
-            read("+371 96 123 456"),
-            Some(Some(("37196123456".into(), false)))
-        );
+        for (text, digits, valid) in [
+            ("+371 26 123 456", "37126123456", true),
+            ("+7 912 345-67-89", "79123456789", true),
+            ("+1 650 253 0000", "16502530000", true),
+            ("+39 06 1234 5678", "390612345678", true),
+            // A known country code, a number outside its ranges: read, and not valid.
+            ("+371 96 123 456", "37196123456", false),
+        ] {
+            assert_eq!(read(text), Some(Some((digits.into(), valid))), "{text}");
+        }
         // No country code starts with 0, and 999 is none.
         assert_eq!(read("+0371 26123456"), Some(None));
         assert_eq!(read("+999 12345678"), Some(None));

@@ -66,7 +66,7 @@ pub fn clip(s: &str) -> String {
     }
 }
 
-pub(super) fn clip_opt(s: &Option<super::CrmText>) -> serde_json::Value {
+pub(super) fn clip_opt(s: &Option<CrmText>) -> serde_json::Value {
     match s {
         Some(s) => serde_json::Value::String(clip(s)),
         None => serde_json::Value::Null,
@@ -88,7 +88,7 @@ pub(super) fn row_payload(u: &SourceUser) -> serde_json::Value {
 }
 
 /// The record id of a refused row: its id, or a short hash of the row when it has none.
-fn record_id_of(id: &Option<super::CrmText>, payload: &serde_json::Value) -> String {
+fn record_id_of(id: &Option<CrmText>, payload: &serde_json::Value) -> String {
     match id {
         Some(id) if !id.is_empty() => clip(id),
         _ => format!(
