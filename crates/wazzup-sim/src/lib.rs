@@ -29,6 +29,29 @@ use wazzup_api::{SettingsDoc, UserPayload};
 /// Users one account may hold.
 pub const USER_LIMIT: usize = 1000;
 
+/// How the simulator checks that phones are unique within an account. The public material does
+/// not say which the real API does, so the daemon must converge under both.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhoneCheck {
+    /// The request as a whole: the account's users once every user of the request is applied
+    /// must have unique phones (two users may swap phones in one request).
+    #[default]
+    Request,
+    /// User by user, in the request's order: a user whose phone another user holds at that
+    /// moment is refused (and with it the whole request, nothing stored).
+    PerUser,
+}
+
+/// A user the simulator stored, and when (for measuring how long a CRM edit took to land).
+#[derive(Debug, Clone)]
+pub struct Landing {
+    pub token: String,
+    pub id: String,
+    pub name: String,
+    pub at: std::time::Instant,
+}
+
 /// One simulated account.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SimAccount {
@@ -124,6 +147,9 @@ struct SimState {
     signal_at: Option<(usize, u32, &'static str)>,
     rng: Option<rand::rngs::StdRng>,
     concurrency: Concurrency,
+    phone_check: PhoneCheck,
+    /// Every user stored, when recording (see [`Simulator::record_landings`]).
+    landings: Option<Vec<Landing>>,
 }
 
 /// How many requests were being answered at once.
@@ -339,6 +365,25 @@ impl Simulator {
     /// Adds latency to every answer.
     pub fn set_latency(&self, ms: u64) {
         self.lock().faults.latency_ms = ms;
+    }
+
+    /// How phones are checked for uniqueness (the whole request by default).
+    pub fn set_phone_check(&self, check: PhoneCheck) {
+        self.lock().phone_check = check;
+    }
+
+    /// Starts recording every user stored, with the time (kept until taken).
+    pub fn record_landings(&self) {
+        self.lock().landings.get_or_insert_with(Vec::new);
+    }
+
+    /// Takes the users stored since the last call (recording goes on).
+    pub fn take_landings(&self) -> Vec<Landing> {
+        self.lock()
+            .landings
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Makes every request with this token answer 401 (or stop doing so).
@@ -671,29 +716,15 @@ fn apply_users(
         return (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error").into_response();
     }
     let mut s = state.lock().expect("simulator state");
+    let check = s.phone_check;
     let acct = s.accounts.get_mut(token).expect("gated account");
-    // Phones are unique per account (across the batch too).
-    let mut phones: HashMap<String, String> = acct
-        .users
-        .values()
-        .filter_map(|u| u.phone.as_ref().map(|p| (p.to_string(), u.id.to_string())))
-        .collect();
-    for u in &parsed {
-        if let Some(p) = &u.phone {
-            match phones.get(p.as_str()) {
-                Some(owner) if *owner != u.id.as_str() => {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "USER_ALREADY_EXISTS",
-                        &format!("User with phone number {p} already exists in the CRM."),
-                        None,
-                    );
-                }
-                _ => {
-                    phones.insert(p.to_string(), u.id.to_string());
-                }
-            }
-        }
+    if let Err(phone) = unique_phones(&acct.users, &parsed, check) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "USER_ALREADY_EXISTS",
+            &format!("User with phone number {phone} already exists in the CRM."),
+            None,
+        );
     }
     if update_only {
         let parsed: Vec<_> = parsed
@@ -701,9 +732,7 @@ fn apply_users(
             .filter(|u| acct.users.contains_key(u.id.as_str()))
             .collect();
         let n = parsed.len();
-        for u in parsed {
-            acct.users.insert(u.id.to_string(), u);
-        }
+        store_users(&mut s, token, parsed);
         return ok(json!({ "processed": n }));
     }
     let new = parsed
@@ -722,10 +751,74 @@ fn apply_users(
         Some(Fault::ShortProcessed { processed }) => (*processed).min(parsed.len()),
         _ => parsed.len(),
     };
-    for u in parsed.into_iter().take(applied) {
+    parsed.truncate(applied);
+    store_users(&mut s, token, parsed);
+    ok(json!({ "processed": applied }))
+}
+
+/// Stores users in an account (replacing those with the same id), noting each when recording.
+fn store_users(s: &mut SimState, token: &str, users: Vec<UserPayload>) {
+    let at = std::time::Instant::now();
+    if let Some(log) = s.landings.as_mut() {
+        log.extend(users.iter().map(|u| Landing {
+            token: token.to_string(),
+            id: u.id.to_string(),
+            name: u.name.to_string(),
+            at,
+        }));
+    }
+    let acct = s.accounts.get_mut(token).expect("gated account");
+    for u in users {
         acct.users.insert(u.id.to_string(), u);
     }
-    ok(json!({ "processed": applied }))
+}
+
+/// Checks that the request leaves every phone with one user, as `check` says; Err names a phone
+/// another user holds.
+fn unique_phones(
+    stored: &BTreeMap<String, UserPayload>,
+    request: &[UserPayload],
+    check: PhoneCheck,
+) -> Result<(), String> {
+    let mut owner: HashMap<String, String> = stored
+        .values()
+        .filter_map(|u| u.phone.as_ref().map(|p| (p.to_string(), u.id.to_string())))
+        .collect();
+    let mut phone_of: HashMap<String, Option<String>> = stored
+        .values()
+        .map(|u| (u.id.to_string(), u.phone.as_ref().map(ToString::to_string)))
+        .collect();
+    for u in request {
+        // The user's old phone is free from now on (its new one may be the same).
+        if let Some(Some(old)) = phone_of.get(u.id.as_str())
+            && owner.get(old) == Some(&u.id.to_string())
+        {
+            owner.remove(old);
+        }
+        phone_of.insert(u.id.to_string(), u.phone.as_ref().map(ToString::to_string));
+        if let Some(p) = &u.phone {
+            match owner.get(p.as_str()) {
+                Some(other) if check == PhoneCheck::PerUser && other != u.id.as_str() => {
+                    return Err(p.to_string());
+                }
+                _ => {
+                    owner.insert(p.to_string(), u.id.to_string());
+                }
+            }
+        }
+    }
+    if check == PhoneCheck::Request {
+        // Once the whole request is applied, no phone may have two users.
+        let mut seen: HashMap<&str, &str> = HashMap::new();
+        for (id, phone) in &phone_of {
+            if let Some(p) = phone
+                && let Some(_) = seen.insert(p.as_str(), id.as_str())
+            {
+                return Err(p.clone());
+            }
+        }
+    }
+    Ok(())
 }
 
 #[derive(Deserialize)]
