@@ -16,6 +16,8 @@ use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Executor};
 use wazzup_sim::Simulator;
 
+mod lag;
+
 #[derive(Parser)]
 struct Args {
     #[arg(long, default_value_t = 20)]
@@ -46,6 +48,18 @@ struct Args {
     /// Skip the latency phase.
     #[arg(long)]
     no_latency: bool,
+    /// Skip the lag-under-load phase.
+    #[arg(long)]
+    no_lag: bool,
+    /// Seconds of writing per rate in the lag phase (default: 60, or 5 below 100,000 users).
+    #[arg(long)]
+    lag_secs: Option<u64>,
+    /// The lag phase's edit rates, per second.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    lag_rates: Vec<u32>,
+    /// The lag phase's NOTIFY payload: `account` (the account id) or `all` (empty).
+    #[arg(long, default_value = "account", value_parser = ["account", "all"])]
+    lag_payload: String,
     /// Run the daemon under this command (for profiling), e.g.
     /// `--wrap "perf record -g -o /tmp/perf.data --"`; CPU and memory then include it.
     #[arg(long)]
@@ -86,7 +100,7 @@ fn children_cpu() -> Duration {
     Duration::from_secs_f64((ticks(16) + ticks(17)) as f64 / clock_ticks() as f64)
 }
 
-fn clock_ticks() -> u64 {
+pub(crate) fn clock_ticks() -> u64 {
     static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {
         std::process::Command::new("getconf")
@@ -156,17 +170,37 @@ async fn run_daemon(args: &Args, env: &[(String, String)]) -> anyhow::Result<Run
     }
 }
 
-/// The CRM server's time for the fingerprint queries a cycle starts with (best of 3).
+/// The CRM server's time for the fingerprint queries a cycle starts with (best of 3): per
+/// account, its rows and the sum of their hashes, each row hashed over the columns read.
 async fn fingerprint_time(pool: &PgPool) -> anyhow::Result<Duration> {
+    let hash = |cols: &[&str]| {
+        cols.iter()
+            .enumerate()
+            .map(|(n, c)| format!("coalesce(hashtextextended(q.{c}::text, {n}), {n})"))
+            .collect::<Vec<_>>()
+            .join(" # ")
+    };
     let mut best = Duration::MAX;
     for _ in 0..3 {
         let started = Instant::now();
-        for q in [
-            "SELECT * FROM wazzup_users",
-            "SELECT * FROM wazzup_user_roles",
+        for (q, cols) in [
+            (
+                "SELECT * FROM wazzup_users",
+                hash(&["account_id", "id", "name", "phone"]),
+            ),
+            (
+                "SELECT * FROM wazzup_user_roles",
+                hash(&[
+                    "account_id",
+                    "user_id",
+                    "channel_id",
+                    "role",
+                    "allow_get_new_clients",
+                ]),
+            ),
         ] {
             sqlx::query(AssertSqlSafe(format!(
-                "SELECT account_id::text, count(*), COALESCE(sum(hashtextextended(q::text, 0)), 0)::text FROM ({q}) AS q GROUP BY 1"
+                "SELECT account_id::text, count(*), COALESCE(sum({cols}), 0)::text FROM ({q}) AS q GROUP BY 1"
             )))
             .fetch_all(pool)
             .await?;
@@ -202,12 +236,13 @@ async fn seed(pool: &PgPool, args: &Args) -> anyhow::Result<()> {
          CREATE TABLE employees (company_id int NOT NULL, id int NOT NULL, name text NOT NULL, mobile text,
                                  PRIMARY KEY (company_id, id));
          CREATE TABLE access (company_id int NOT NULL, employee_id int NOT NULL, channel text NOT NULL,
-                              role text NOT NULL, new_clients boolean NOT NULL);
-         CREATE VIEW wazzup_accounts AS SELECT id::text AS account_id, token FROM companies;
+                              role text NOT NULL, new_clients boolean NOT NULL,
+                              PRIMARY KEY (company_id, employee_id, channel));
+         CREATE VIEW wazzup_accounts AS SELECT id AS account_id, token FROM companies;
          CREATE VIEW wazzup_users AS
-            SELECT company_id::text AS account_id, id::text AS id, name, mobile AS phone FROM employees;
+            SELECT company_id AS account_id, id::text AS id, name, mobile AS phone FROM employees;
          CREATE VIEW wazzup_user_roles AS
-            SELECT company_id::text AS account_id, employee_id::text AS user_id, channel AS channel_id,
+            SELECT company_id AS account_id, employee_id::text AS user_id, channel AS channel_id,
                    role, new_clients AS allow_get_new_clients FROM access;",
     )
     .await?;
@@ -402,13 +437,31 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
         latency_phase(args, &env).await?
     };
     pool.close().await;
+    let lag = if args.no_lag {
+        String::new()
+    } else {
+        let secs = args
+            .lag_secs
+            .unwrap_or(if total >= 100_000 { 60 } else { 5 });
+        lag::lag_phase(&lag::LagSetup {
+            crm_url: url,
+            daemon: daemon_path(args),
+            env: &env,
+            accounts: args.accounts,
+            users: args.users,
+            rates: &args.lag_rates,
+            secs,
+            payload: &args.lag_payload,
+        })
+        .await?
+    };
 
     let no_change = phases[1].run.wall.as_secs_f64();
     let ratio = no_change / floor_wall.as_secs_f64();
     // What a one-shot `sync` costs besides the CRM's work: start, connect, migrations check.
     let fixed = (no_change - fingerprints.as_secs_f64()).max(0.0);
     let report = format!(
-        "## {} accounts x {} users x {} channels ({} users)\n\nRun {} on {}.\n\n{}\nNo-change cycle / raw read floor: {:.2}x. The CRM server's time for the fingerprint queries of a cycle: {:.2} s; the no-change one-shot `sync` less that time (its fixed cost): {:.2} s.\n\n{latency}",
+        "## {} accounts x {} users x {} channels ({} users)\n\nRun {} on {}.\n\n{}\nNo-change cycle / raw read floor: {:.2}x. The CRM server's time for the fingerprint queries of a cycle: {:.2} s; the no-change one-shot `sync` less that time (its fixed cost): {:.2} s.\n\n{latency}{lag}",
         args.accounts,
         args.users,
         args.channels,
