@@ -229,6 +229,7 @@ async fn read_account(engine: &Engine, account: &SourceAccount) -> anyhow::Resul
         Some(only),
         SkipUnchanged::default(),
         1,
+        Default::default(),
     );
     let rows = rx.recv().await;
     drop(rx);

@@ -11,13 +11,22 @@ use super::columns::{ACCOUNTS_SHAPE, Columns};
 use super::{ReadSummary, SourceAccount, SourceError, begin_read_only, crm_query, in_query};
 use crate::config::Settings;
 
-/// Reads the accounts query (a small result) inside the given transaction.
+/// The statement that reads the accounts query as it is.
+pub(super) fn all_accounts(settings: &Settings) -> AccountsStatement {
+    crm_query(settings.source.accounts_query.clone())
+}
+
+/// A statement whose rows are accounts query rows.
+pub(super) type AccountsStatement =
+    sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Reads the accounts `statement` returns (a small result) inside the given transaction.
 pub(super) async fn read_accounts(
     conn: &mut sqlx::PgConnection,
-    settings: &Settings,
+    statement: AccountsStatement,
     summary: &mut ReadSummary,
 ) -> Result<Vec<SourceAccount>, SourceError> {
-    let mut rows = crm_query(settings.source.accounts_query.clone()).fetch(conn);
+    let mut rows = statement.fetch(conn);
     let mut cols: Option<Columns> = None;
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     let mut all = Vec::new();
@@ -86,7 +95,7 @@ pub async fn list_accounts(
 ) -> Result<(Vec<SourceAccount>, ReadSummary), SourceError> {
     let mut tx = begin_read_only(pool).await?;
     let mut summary = ReadSummary::default();
-    let accounts = read_accounts(&mut tx, settings, &mut summary).await?;
+    let accounts = read_accounts(&mut tx, all_accounts(settings), &mut summary).await?;
     tx.rollback().await?;
     Ok((accounts, summary))
 }

@@ -161,6 +161,11 @@ impl Columns {
         Ok(Columns(idx, kinds))
     }
 
+    /// How column `n` (of the names) is read, when the query has it.
+    pub(super) fn kind(&self, n: usize) -> Option<Kind> {
+        self.1[n]
+    }
+
     /// Column `n` (of the names) of a row of this result set, as text.
     pub(super) fn text(&self, row: &PgRow, n: usize) -> Result<Option<String>, SourceError> {
         match (self.0[n], self.1[n]) {
@@ -183,20 +188,20 @@ const ROW_HASH_COLUMN: &str = "wazzup_sync_row_hash";
 
 /// How a query is read grouped by account: its shape, the columns asked for (account id
 /// first, a boolean last), whether each row's hash is added, and how a grouped row decodes.
-pub(super) struct Grouping<T: 'static> {
+pub(super) struct Grouping<G: 'static> {
     pub(super) shape: &'static QueryShape,
     pub(super) names: &'static [&'static str],
     pub(super) hashed: bool,
-    pub(super) decode: fn(&PgRow) -> Result<Group<T>, sqlx::Error>,
+    pub(super) decode: fn(&PgRow) -> Result<Group<G>, sqlx::Error>,
 }
 
-pub(super) const USERS_GROUPED: Grouping<SourceUser> = Grouping {
+pub(super) const USERS_GROUPED: Grouping<Vec<SourceUser>> = Grouping {
     shape: &USERS_SHAPE,
     names: &["account_id", "id", "name", "phone", "hide_phone"],
     hashed: true,
     decode: decode_users,
 };
-pub(super) const ROLES_GROUPED: Grouping<SourceRole> = Grouping {
+pub(super) const ROLES_GROUPED: Grouping<Vec<SourceRole>> = Grouping {
     shape: &ROLES_SHAPE,
     names: &[
         "account_id",
@@ -210,7 +215,7 @@ pub(super) const ROLES_GROUPED: Grouping<SourceRole> = Grouping {
 };
 
 /// An identifier quoted for SQL.
-fn quoted(name: &str) -> String {
+pub(super) fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -221,13 +226,8 @@ fn quoted(name: &str) -> String {
 /// gets each row's hash, computed as the fingerprints compute it. In single-account mode
 /// (`multi` false) every row is aggregated into one row. Binds `$1`: the ids of the accounts
 /// not to read.
-pub(super) fn grouped_sql(
-    query: &str,
-    cols: &Columns,
-    names: &[String],
-    hash: bool,
-    multi: bool,
-) -> String {
+pub(super) fn grouped_sql(query: &str, probed: &Probed, hash: bool, multi: bool) -> String {
+    let (cols, names) = (&probed.cols, &probed.spelled);
     let last = cols.0.len() - 1;
     let mut select = Vec::with_capacity(cols.0.len() + 1);
     let account = cols.0[0].map(|i| format!("q.{}", quoted(&names[i])));
@@ -245,7 +245,8 @@ pub(super) fn grouped_sql(
     }
     if hash {
         select.push(format!(
-            "array_agg(hashtextextended(q::text, 0)) AS {ROW_HASH_COLUMN}"
+            "array_agg({}) AS {ROW_HASH_COLUMN}",
+            probed.row_hash()
         ));
     }
     let select = select.join(", ");
@@ -259,16 +260,139 @@ pub(super) fn grouped_sql(
     }
 }
 
+/// The condition that keeps the rows of some accounts: the query's account column compared in
+/// its own type, so that an index on it serves (an integer or uuid column is not cast to text).
+/// Binds `$1`: the ids as text, as [`ids_for`] gives them.
+pub(super) fn account_filter(column: &str, kind: Option<Kind>) -> String {
+    let col = format!("q.{}", quoted(column));
+    match kind {
+        Some(Kind::Int2 | Kind::Int4 | Kind::Int8) => format!("{col} = ANY($1::text[]::int8[])"),
+        Some(Kind::Uuid) => format!("{col} = ANY($1::text[]::uuid[])"),
+        _ => format!("{col}::text = ANY($1::text[])"),
+    }
+}
+
+/// The condition that keeps the rows of the account `id` (an SQL text expression): the
+/// query's account column compared in its own type, as in [`account_filter`].
+fn account_match(column: &str, kind: Option<Kind>, id: &str) -> String {
+    let col = format!("q.{}", quoted(column));
+    match kind {
+        Some(Kind::Int2 | Kind::Int4 | Kind::Int8) => format!("{col} = {id}::int8"),
+        Some(Kind::Uuid) => format!("{col} = {id}::uuid"),
+        _ => format!("{col}::text = {id}"),
+    }
+}
+
+/// The ids a column of this kind can hold, spelled as PostgreSQL spells its values as text:
+/// an id an integer or uuid column cannot hold matches none of its rows (and would fail the cast).
+pub(super) fn ids_for(ids: &[String], kind: Option<Kind>) -> Vec<String> {
+    let canonical = |id: &String| match kind {
+        Some(Kind::Int2 | Kind::Int4 | Kind::Int8) => {
+            id.parse::<i64>().is_ok_and(|n| n.to_string() == *id)
+        }
+        Some(Kind::Uuid) => uuid::Uuid::parse_str(id).is_ok_and(|u| u.to_string() == *id),
+        _ => true,
+    };
+    ids.iter().filter(|id| canonical(id)).cloned().collect()
+}
+
+/// The statement that reads some accounts of a query, sending only the rows the daemon does not
+/// hold already: per account one row with every row's hash ([`Probed::row_hash`]), then one
+/// array per column of the rows whose hash is not among `$2`, and those rows' hashes.
+/// PostgreSQL hashes every row of the accounts (the account's fingerprint) but sends the rest
+/// only for the rows that changed. Each account of `$1` (its ids, as [`ids_for`] gives them) is
+/// read on its own, by its account column in that column's type (an index on it serves, and no
+/// sort is needed), and gives one row, even without rows. In single-account mode (`multi`
+/// false) every row is the one account's, and `$1` is bound but not used.
+pub(super) fn delta_sql(query: &str, probed: &Probed, multi: bool) -> String {
+    let cols = &probed.cols;
+    let last = cols.0.len() - 1;
+    let mut inner = vec![format!("{} AS h", probed.row_hash())];
+    let mut outer = vec!["array_agg(s.h)".to_string()];
+    for (n, idx) in cols.0.iter().enumerate().skip(1) {
+        let col = idx.map(|i| format!("q.{}", quoted(&probed.spelled[i])));
+        inner.push(match (col, n == last) {
+            (Some(c), false) => format!("{c}::text AS c{n}"),
+            (Some(c), true) => format!("{c} AS c{n}"),
+            (None, false) => format!("NULL::text AS c{n}"),
+            (None, true) => format!("NULL::bool AS c{n}"),
+        });
+        outer.push(format!("array_agg(s.c{n}) FILTER (WHERE NOT s.k)"));
+    }
+    outer.push("array_agg(s.h) FILTER (WHERE NOT s.k)".to_string());
+    let keep = if multi {
+        account_match(probed.account_column(), cols.kind(0), "a.id")
+    } else {
+        "$1::text[] IS NOT NULL".to_string()
+    };
+    // OFFSET 0 keeps the inner query whole, so each row is hashed once, not once per use.
+    let rows = format!(
+        "SELECT {} FROM (SELECT t.*, t.h = ANY($2::int8[]) AS k FROM \
+         (SELECT {} FROM ({query}) AS q WHERE {keep} OFFSET 0) AS t) AS s",
+        outer.join(", "),
+        inner.join(", ")
+    );
+    if multi {
+        format!(
+            "SELECT a.id, x.* FROM unnest($1::text[]) AS a(id) CROSS JOIN LATERAL ({rows}) AS x \
+             ORDER BY a.id COLLATE \"C\""
+        )
+    } else {
+        format!("SELECT NULL::text, x.* FROM ({rows}) AS x")
+    }
+}
+
+/// A query's columns as [`probe`] found them: positions and kinds, and the names as the query
+/// spells them.
+pub(super) struct Probed {
+    pub(super) cols: Columns,
+    pub(super) spelled: Vec<String>,
+}
+
+impl Probed {
+    /// The account column as the query spells it.
+    pub(super) fn account_column(&self) -> &str {
+        self.cols.0[0]
+            .map(|i| self.spelled[i].as_str())
+            .unwrap_or("account_id")
+    }
+
+    /// PostgreSQL's hash of a row as the daemon reads it (`q` the query's row): its account
+    /// and every column read, each as text, hashed apart (a seed per column, a constant for
+    /// NULL) and combined. A column the daemon does not read changes nothing; making the row's
+    /// whole text would cost PostgreSQL twice as much.
+    pub(super) fn row_hash(&self) -> String {
+        let parts: Vec<String> = self
+            .cols
+            .0
+            .iter()
+            .enumerate()
+            .filter_map(|(n, idx)| {
+                idx.map(|i| {
+                    format!(
+                        "coalesce(hashtextextended(q.{}::text, {n}), {n})",
+                        quoted(&self.spelled[i])
+                    )
+                })
+            })
+            .collect();
+        if parts.is_empty() {
+            "0::int8".to_string()
+        } else {
+            format!("({})", parts.join(" # "))
+        }
+    }
+}
+
 /// Checks a query's columns and their types without running it (`LIMIT 0`): the required
 /// ones, `account_id` when rows are grouped by account, and the types of all of them.
-/// Returns the positions and kinds, and the names as the query spells them.
 pub(super) async fn probe(
     conn: &mut sqlx::PgConnection,
     query: &str,
     shape: &'static QueryShape,
     names: &[&'static str],
     needs_account: bool,
-) -> Result<(Columns, Vec<String>), SourceError> {
+) -> Result<Probed, SourceError> {
     let row = super::crm_query(format!(
         "SELECT q.* FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT * FROM ({query}) AS q LIMIT 0) AS q ON true"
     ))
@@ -283,11 +407,11 @@ pub(super) async fn probe(
         });
     }
     let spelled = row.columns().iter().map(|c| c.name().to_string()).collect();
-    Ok((cols, spelled))
+    Ok(Probed { cols, spelled })
 }
 
 /// One account's users from a grouped row (see [`grouped_sql`]).
-fn decode_users(row: &PgRow) -> Result<Group<SourceUser>, sqlx::Error> {
+fn decode_users(row: &PgRow) -> Result<Group<Vec<SourceUser>>, sqlx::Error> {
     let account: Option<String> = row.try_get_unchecked(0)?;
     let (mut names, mut phones) = (texts(row, 2)?.into_iter(), texts(row, 3)?.into_iter());
     let mut hide = bools(row, 4)?.into_iter();
@@ -307,7 +431,7 @@ fn decode_users(row: &PgRow) -> Result<Group<SourceUser>, sqlx::Error> {
 }
 
 /// One account's role rows from a grouped row (see [`grouped_sql`]).
-fn decode_roles(row: &PgRow) -> Result<Group<SourceRole>, sqlx::Error> {
+fn decode_roles(row: &PgRow) -> Result<Group<Vec<SourceRole>>, sqlx::Error> {
     let account: Option<String> = row.try_get_unchecked(0)?;
     let (mut channels, mut roles) = (texts(row, 2)?.into_iter(), texts(row, 3)?.into_iter());
     let mut allow = bools(row, 4)?.into_iter();
@@ -323,22 +447,112 @@ fn decode_roles(row: &PgRow) -> Result<Group<SourceRole>, sqlx::Error> {
     Ok((account, rows))
 }
 
-/// One account's rows: its id (None for rows without one) and the rows.
-pub(super) type Group<T> = (Option<String>, Vec<T>);
-
-/// A grouped query's accounts, one at a time, with one account of look-ahead.
-pub(super) struct GroupReader<'c, T> {
-    rows: futures::stream::BoxStream<'c, Result<PgRow, sqlx::Error>>,
-    query: &'static str,
-    decode: fn(&PgRow) -> Result<Group<T>, sqlx::Error>,
-    pub(super) head: Option<Group<T>>,
+/// What a delta read ([`delta_sql`]) sends of one account: every row's hash, and the rows it
+/// did not know, each with its hash.
+#[derive(Debug)]
+pub(crate) struct Delta<T> {
+    pub(crate) all: Vec<i64>,
+    pub(crate) sent: Vec<(i64, T)>,
 }
 
-impl<'c, T> GroupReader<'c, T> {
+impl<T> Default for Delta<T> {
+    fn default() -> Self {
+        Self {
+            all: Vec::new(),
+            sent: Vec::new(),
+        }
+    }
+}
+
+/// Every element of an array column that must hold no NULL.
+fn hashes(row: &PgRow, i: usize) -> Result<Vec<i64>, sqlx::Error> {
+    int8s(row, i)?
+        .into_iter()
+        .map(|h| {
+            h.ok_or_else(|| sqlx::Error::Decode(format!("column {i}: a NULL row hash").into()))
+        })
+        .collect()
+}
+
+/// One account's users from a delta row (see [`delta_sql`]).
+pub(super) fn decode_user_delta(row: &PgRow) -> Result<Group<Delta<SourceUser>>, sqlx::Error> {
+    let account: Option<String> = row.try_get_unchecked(0)?;
+    let all = hashes(row, 1)?;
+    let (mut names, mut phones) = (texts(row, 3)?.into_iter(), texts(row, 4)?.into_iter());
+    let mut hide = bools(row, 5)?.into_iter();
+    let sent = texts(row, 2)?
+        .into_iter()
+        .zip(hashes(row, 6)?)
+        .map(|(id, h)| {
+            let user = SourceUser {
+                id,
+                name: names.next().flatten(),
+                phone: phones.next().flatten(),
+                hide_phone: hide.next().flatten(),
+                row_hash: Some(h),
+            };
+            (h, user)
+        })
+        .collect();
+    Ok((account, Delta { all, sent }))
+}
+
+/// One account's role rows from a delta row (see [`delta_sql`]).
+pub(super) fn decode_role_delta(row: &PgRow) -> Result<Group<Delta<SourceRole>>, sqlx::Error> {
+    let account: Option<String> = row.try_get_unchecked(0)?;
+    let all = hashes(row, 1)?;
+    let (mut channels, mut roles) = (texts(row, 3)?.into_iter(), texts(row, 4)?.into_iter());
+    let mut allow = bools(row, 5)?.into_iter();
+    let sent = texts(row, 2)?
+        .into_iter()
+        .zip(hashes(row, 6)?)
+        .map(|(user_id, h)| {
+            let role = SourceRole {
+                user_id,
+                channel_id: channels.next().flatten(),
+                role: roles.next().flatten(),
+                allow_get_new_clients: allow.next().flatten(),
+            };
+            (h, role)
+        })
+        .collect();
+    Ok((account, Delta { all, sent }))
+}
+
+/// One account's rows: its id (None for rows without one) and the rows.
+pub(super) type Group<G> = (Option<String>, G);
+
+/// What a reader yields per account, and how the groups of one account add up.
+pub(super) trait Rows: Default {
+    fn append(&mut self, other: Self);
+}
+
+impl<T> Rows for Vec<T> {
+    fn append(&mut self, mut other: Self) {
+        Vec::append(self, &mut other);
+    }
+}
+
+impl<T> Rows for Delta<T> {
+    fn append(&mut self, mut other: Self) {
+        self.all.append(&mut other.all);
+        self.sent.append(&mut other.sent);
+    }
+}
+
+/// A grouped query's accounts, one at a time, with one account of look-ahead.
+pub(super) struct GroupReader<'c, G> {
+    rows: futures::stream::BoxStream<'c, Result<PgRow, sqlx::Error>>,
+    query: &'static str,
+    decode: fn(&PgRow) -> Result<Group<G>, sqlx::Error>,
+    pub(super) head: Option<Group<G>>,
+}
+
+impl<'c, G: Rows> GroupReader<'c, G> {
     pub(super) fn new(
         rows: futures::stream::BoxStream<'c, Result<PgRow, sqlx::Error>>,
         query: &'static str,
-        decode: fn(&PgRow) -> Result<Group<T>, sqlx::Error>,
+        decode: fn(&PgRow) -> Result<Group<G>, sqlx::Error>,
     ) -> Self {
         Self {
             rows,
@@ -349,10 +563,10 @@ impl<'c, T> GroupReader<'c, T> {
     }
 
     /// Takes every remaining row.
-    pub(super) async fn take_all(&mut self) -> Result<Vec<T>, SourceError> {
-        let mut out = Vec::new();
+    pub(super) async fn take_all(&mut self) -> Result<G, SourceError> {
+        let mut out = G::default();
         while let Some((_, rows)) = self.head.take() {
-            out.extend(rows);
+            out.append(rows);
             self.advance().await?;
         }
         Ok(out)
@@ -373,9 +587,9 @@ impl<'c, T> GroupReader<'c, T> {
     }
 
     /// Takes the rows of `account` (groups arrive ordered by account, each once).
-    pub(super) async fn take(&mut self, account: Option<&str>) -> Result<Vec<T>, SourceError> {
+    pub(super) async fn take(&mut self, account: Option<&str>) -> Result<G, SourceError> {
         if self.next_account() != Some(account) {
-            return Ok(Vec::new());
+            return Ok(G::default());
         }
         let (_, rows) = self.head.take().expect("head");
         self.advance().await?;

@@ -15,10 +15,13 @@ use crate::config::Settings;
 use crate::domain::{SourceRole, SourceUser};
 
 mod accounts;
+mod cache;
 mod columns;
+mod delta;
 mod snapshot;
 
 pub use accounts::list_accounts;
+pub use cache::{ROW_CACHE_ROWS, RowCache};
 pub use columns::{ACCOUNTS_SHAPE, QueryShape, ROLES_SHAPE, USERS_SHAPE};
 pub use snapshot::stream_snapshot;
 
@@ -228,6 +231,19 @@ pub struct SkipUnchanged {
     pub salt: String,
     /// Set once known: how many accounts will be handed over (for progress lines).
     pub to_sync: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SkipUnchanged {
+    /// True when the account's rows and token are those of its last clean cycle.
+    pub(crate) fn unchanged(&self, account: &SourceAccount, print: &str) -> bool {
+        self.enabled
+            && self
+                .known
+                .get(&account.account_id)
+                .is_some_and(|(p, token)| {
+                    p == print && *token == crate::domain::token_fingerprint(&account.token)
+                })
+    }
 }
 
 /// What the reader learned about the rows it could not hand to an account.

@@ -15,19 +15,22 @@ use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, PgConnection};
 use tokio::sync::mpsc::Sender;
 
-use super::accounts::read_accounts;
+use super::accounts::{all_accounts, read_accounts};
+use super::cache::RowCache;
 use super::columns::{
-    GroupReader, Grouping, ROLES_GROUPED, ROLES_SHAPE, USERS_GROUPED, USERS_SHAPE, grouped_sql,
-    probe,
+    GroupReader, Grouping, Probed, ROLES_GROUPED, ROLES_SHAPE, Rows, USERS_GROUPED, USERS_SHAPE,
+    grouped_sql, probe, quoted,
 };
 use super::{
     AccountRows, ReadSummary, SkipUnchanged, SourceAccount, SourceError, crm_query, in_query,
 };
 use crate::config::Settings;
-use crate::domain::{SourceRole, SourceUser, content_hash, token_fingerprint};
+use crate::domain::{SourceRole, SourceUser, content_hash};
 
-/// Starts reading the CRM. In single-account mode (`single`) the accounts query is not run
-/// and every row belongs to that account. At most `ahead` accounts wait in the channel.
+/// Starts reading the CRM. With `only`, just those accounts are read ([`super::delta`]), their
+/// rows kept in `cache`; otherwise every account, less those whose rows did not change. In
+/// single-account mode (`single`) the accounts query is not run and every row belongs to that
+/// account. At most `ahead` accounts wait in the channel.
 pub fn stream_snapshot(
     pool: PgPool,
     settings: Arc<Settings>,
@@ -35,43 +38,65 @@ pub fn stream_snapshot(
     only: Option<HashSet<String>>,
     skip: SkipUnchanged,
     ahead: usize,
+    cache: Arc<std::sync::Mutex<RowCache>>,
 ) -> (
     tokio::sync::mpsc::Receiver<AccountRows>,
     tokio::task::JoinHandle<Result<ReadSummary, SourceError>>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(ahead.max(1));
     let task = tokio::spawn(async move {
-        let (a, b) = tokio::join!(pool.acquire(), pool.acquire());
-        let (mut a, mut b) = (a?, b?);
-        let handover = Handover { only, tx };
-        let result = read_rows(&mut a, &mut b, &settings, single, skip, handover).await;
-        if result.is_ok() {
-            sqlx::raw_sql("COMMIT").execute(&mut *b).await?;
-            sqlx::raw_sql("COMMIT").execute(&mut *a).await?;
-        } else {
-            // Never hand a session with an open transaction back to the pool.
-            let _ = a.close().await;
-            let _ = b.close().await;
+        let handover = Handover { tx };
+        match only {
+            Some(wanted) => {
+                let mut a = pool.acquire().await?;
+                let read = super::delta::read_wanted(
+                    &mut a, &settings, single, &wanted, &skip, &cache, &handover,
+                )
+                .await;
+                finish(vec![a], read).await
+            }
+            None => {
+                let (a, b) = tokio::join!(pool.acquire(), pool.acquire());
+                let (mut a, mut b) = (a?, b?);
+                let read = async {
+                    open_snapshot(&mut a, &mut b).await?;
+                    read_rows(&mut a, &mut b, &settings, single, skip, handover).await
+                };
+                let result = read.await;
+                finish(vec![b, a], result).await
+            }
         }
-        result
     });
     (rx, task)
 }
 
-/// Where the accounts go: the channel, for the accounts asked for.
-struct Handover {
-    only: Option<HashSet<String>>,
+/// Ends the read's transactions: committed when the read succeeded; otherwise the sessions are
+/// closed, so that none goes back to the pool with a transaction open.
+async fn finish(
+    sessions: Vec<sqlx::pool::PoolConnection<sqlx::Postgres>>,
+    result: Result<ReadSummary, SourceError>,
+) -> Result<ReadSummary, SourceError> {
+    if result.is_ok() {
+        for mut s in sessions {
+            sqlx::raw_sql("COMMIT").execute(&mut *s).await?;
+        }
+    } else {
+        for s in sessions {
+            let _ = s.close().await;
+        }
+    }
+    result
+}
+
+/// Where the accounts go: the channel.
+pub(super) struct Handover {
     tx: Sender<AccountRows>,
 }
 
 impl Handover {
-    fn wanted(&self, id: &str) -> bool {
-        self.only.as_ref().is_none_or(|o| o.contains(id))
-    }
-
     /// Hands an account over; false when the receiver is gone.
-    async fn send(&self, rows: AccountRows) -> bool {
-        !self.wanted(&rows.account.account_id) || self.tx.send(rows).await.is_ok()
+    pub(super) async fn send(&self, rows: AccountRows) -> bool {
+        self.tx.send(rows).await.is_ok()
     }
 }
 
@@ -89,41 +114,52 @@ async fn read_rows(
     skip: SkipUnchanged,
     handover: Handover,
 ) -> Result<ReadSummary, SourceError> {
-    open_snapshot(a, b).await?;
     let mut summary = ReadSummary::default();
     let multi = single.is_none();
     let accounts = match single {
         Some(acct) => vec![acct],
-        None => read_accounts(a, settings, &mut summary).await?,
+        None => read_accounts(a, all_accounts(settings), &mut summary).await?,
     };
-    let counts = fingerprints(a, settings, multi).await?;
+    let q = &settings.source;
+    let users = probe(
+        &mut *a,
+        &q.users_query,
+        &USERS_SHAPE,
+        USERS_GROUPED.names,
+        multi,
+    )
+    .await?;
+    let roles = probe(
+        &mut *a,
+        &q.roles_query,
+        &ROLES_SHAPE,
+        ROLES_GROUPED.names,
+        multi,
+    )
+    .await?;
+    let counts = fingerprints(a, settings, multi, [&users, &roles]).await?;
     let to_read = choose(accounts, &counts, &skip, multi, &mut summary);
-    let wanted = to_read
-        .accounts
-        .keys()
-        .filter(|id| handover.wanted(id))
-        .count();
-    skip.to_sync.store(wanted, Ordering::Relaxed);
+    skip.to_sync
+        .store(to_read.accounts.len(), Ordering::Relaxed);
     if to_read.accounts.is_empty() {
         return Ok(summary);
     }
     let quiet: Vec<String> = summary.unchanged.iter().map(|(id, _)| id.clone()).collect();
-    merge(
-        a,
-        b,
+    let reading = Reading {
         settings,
         multi,
-        &quiet,
-        to_read,
-        &handover,
-        &mut summary,
-    )
-    .await?;
+        quiet: &quiet,
+        probed: [users, roles],
+    };
+    merge(a, b, &reading, to_read, &handover, &mut summary).await?;
     Ok(summary)
 }
 
 /// Two REPEATABLE READ READ ONLY transactions on one exported snapshot.
-async fn open_snapshot(a: &mut PgConnection, b: &mut PgConnection) -> Result<(), SourceError> {
+pub(super) async fn open_snapshot(
+    a: &mut PgConnection,
+    b: &mut PgConnection,
+) -> Result<(), SourceError> {
     sqlx::raw_sql("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .execute(&mut *a)
         .await?;
@@ -162,20 +198,8 @@ fn choose(
             .get(if multi { id.as_str() } else { "" })
             .cloned()
             .unwrap_or_default();
-        let print = content_hash(
-            format!(
-                "{}|{}|{}:{}|{}:{}",
-                skip.salt,
-                account.push_input_output_message_events_for_managers,
-                rows.users,
-                rows.users_sum,
-                rows.roles,
-                rows.roles_sum
-            )
-            .as_bytes(),
-        );
-        let token = token_fingerprint(&account.token);
-        if skip.enabled && skip.known.get(&id) == Some(&(print.clone(), token)) {
+        let print = rows.print(&skip.salt, &account);
+        if skip.unchanged(&account, &print) {
             summary.unchanged.push((id, rows.users as usize));
         } else {
             to_read.prints.insert(id.clone(), print);
@@ -185,23 +209,33 @@ fn choose(
     to_read
 }
 
+/// What the grouped reads need: the queries, the mode, the accounts not to read, and the users'
+/// and roles' columns as probed.
+struct Reading<'a> {
+    settings: &'a Settings,
+    multi: bool,
+    quiet: &'a [String],
+    probed: [Probed; 2],
+}
+
 /// Streams users and roles grouped by account, merges them, and hands each account over;
 /// then the accounts without a single row (their users may have left).
-#[allow(clippy::too_many_arguments)]
 async fn merge(
     a: &mut PgConnection,
     b: &mut PgConnection,
-    settings: &Settings,
-    multi: bool,
-    quiet: &[String],
+    reading: &Reading<'_>,
     mut to_read: ToRead,
     handover: &Handover,
     summary: &mut ReadSummary,
 ) -> Result<(), SourceError> {
-    let (mut users, mut roles) = readers(a, b, settings, multi, quiet).await?;
+    let multi = reading.multi;
+    let (mut users, mut roles) = readers(a, b, reading).await?;
     users.advance().await?;
     roles.advance().await?;
-    while let Some(key) = next_account(&users, &roles, multi, &to_read) {
+    let single_id = (!multi)
+        .then(|| to_read.accounts.keys().next().cloned())
+        .flatten();
+    while let Some(key) = next_account(&users, &roles, single_id.as_deref()) {
         let (u, r) = if multi {
             (
                 users.take(key.as_deref()).await?,
@@ -251,17 +285,16 @@ async fn merge(
     Ok(())
 }
 
-/// The account whose rows come next: Some(None) for rows without an account, None at the end.
-/// In single-account mode every row is the one account's, whatever its account_id.
-fn next_account<U, R>(
+/// The account whose rows come next: Some(None) for rows without one, None at the end.
+/// In single-account mode (`single`, the account's id) every row is that account's, whatever
+/// its account_id.
+pub(super) fn next_account<U: Rows, R: Rows>(
     users: &GroupReader<'_, U>,
     roles: &GroupReader<'_, R>,
-    multi: bool,
-    to_read: &ToRead,
+    single: Option<&str>,
 ) -> Option<Option<String>> {
-    if !multi {
-        return (users.head.is_some() || roles.head.is_some())
-            .then(|| to_read.accounts.keys().next().cloned());
+    if let Some(id) = single {
+        return (users.head.is_some() || roles.head.is_some()).then(|| Some(id.to_string()));
     }
     match (users.next_account(), roles.next_account()) {
         (None, None) => None,
@@ -281,40 +314,32 @@ fn next_account<U, R>(
 async fn readers<'c>(
     a: &'c mut PgConnection,
     b: &'c mut PgConnection,
-    settings: &Settings,
-    multi: bool,
-    quiet: &[String],
-) -> Result<(GroupReader<'c, SourceUser>, GroupReader<'c, SourceRole>), SourceError> {
-    let users = grouped(
-        a,
-        &settings.source.users_query,
-        &USERS_GROUPED,
-        multi,
-        quiet,
-    )
-    .await?;
-    let roles = grouped(
-        b,
-        &settings.source.roles_query,
-        &ROLES_GROUPED,
-        multi,
-        quiet,
-    )
-    .await?;
+    reading: &Reading<'_>,
+) -> Result<
+    (
+        GroupReader<'c, Vec<SourceUser>>,
+        GroupReader<'c, Vec<SourceRole>>,
+    ),
+    SourceError,
+> {
+    let q = &reading.settings.source;
+    let [u, r] = &reading.probed;
+    let users = grouped(a, &q.users_query, &USERS_GROUPED, u, reading).await?;
+    let roles = grouped(b, &q.roles_query, &ROLES_GROUPED, r, reading).await?;
     Ok((users, roles))
 }
 
-/// A query read one account at a time (see `grouped_sql`): its columns checked first, in the
-/// same snapshot, then its accounts in byte order (COLLATE "C"), without the unchanged
-/// accounts' rows, so both streams and the merge agree on the order.
-async fn grouped<'c, T>(
+/// A query read one account at a time (see `grouped_sql`), its columns as probed in the same
+/// snapshot: its accounts in byte order (COLLATE "C"), without the unchanged accounts' rows, so
+/// both streams and the merge agree on the order.
+async fn grouped<'c, G: Rows>(
     conn: &'c mut PgConnection,
     query: &str,
-    how: &Grouping<T>,
-    multi: bool,
-    quiet: &[String],
-) -> Result<GroupReader<'c, T>, SourceError> {
-    let (cols, spelled) = probe(&mut *conn, query, how.shape, how.names, multi).await?;
+    how: &Grouping<G>,
+    probed: &Probed,
+    reading: &Reading<'_>,
+) -> Result<GroupReader<'c, G>, SourceError> {
+    let multi = reading.multi;
     if multi {
         // Rows sorted by account stream out one account at a time; hashing them by account
         // would hold every account in the CRM's memory first.
@@ -322,10 +347,10 @@ async fn grouped<'c, T>(
             .execute(&mut *conn)
             .await?;
     }
-    let sql = grouped_sql(query, &cols, &spelled, how.hashed, multi);
+    let sql = grouped_sql(query, probed, how.hashed, multi);
     let statement = crm_query(sql);
     let statement = if multi {
-        statement.bind(quiet.to_vec())
+        statement.bind(reading.quiet.to_vec())
     } else {
         statement
     };
@@ -334,44 +359,87 @@ async fn grouped<'c, T>(
 }
 
 /// One account's rows as PostgreSQL counts them: rows and the sum of their row hashes.
-#[derive(Debug, Clone, Default)]
-struct RowCounts {
-    users: i64,
-    users_sum: String,
-    roles: i64,
-    roles_sum: String,
+#[derive(Debug, Clone)]
+pub(super) struct RowCounts {
+    pub(super) users: i64,
+    pub(super) users_sum: String,
+    pub(super) roles: i64,
+    pub(super) roles_sum: String,
+}
+
+impl Default for RowCounts {
+    /// No rows, as PostgreSQL's `COALESCE(sum(...), 0)` says it.
+    fn default() -> Self {
+        Self::of(&[], &[])
+    }
+}
+
+impl RowCounts {
+    /// The counts of rows read with their hashes, as PostgreSQL would give them.
+    pub(super) fn of(users: &[i64], roles: &[i64]) -> Self {
+        let sum = |h: &[i64]| h.iter().map(|&h| i128::from(h)).sum::<i128>().to_string();
+        Self {
+            users: users.len() as i64,
+            users_sum: sum(users),
+            roles: roles.len() as i64,
+            roles_sum: sum(roles),
+        }
+    }
+
+    /// The account's fingerprint: its rows, and what else decides what they mean.
+    pub(super) fn print(&self, salt: &str, account: &SourceAccount) -> String {
+        content_hash(
+            format!(
+                "{}|{}|{}:{}|{}:{}",
+                salt,
+                account.push_input_output_message_events_for_managers,
+                self.users,
+                self.users_sum,
+                self.roles,
+                self.roles_sum
+            )
+            .as_bytes(),
+        )
+    }
 }
 
 /// Per account (all rows under "" in single-account mode): user rows and their hash sum, role
-/// rows and theirs. Order-independent, computed by PostgreSQL (in parallel where it can).
+/// rows and theirs. Order-independent, computed by PostgreSQL (in parallel where it can), with
+/// the row hash the reads use ([`Probed::row_hash`]).
 async fn fingerprints(
     conn: &mut PgConnection,
     settings: &Settings,
     multi: bool,
+    [users, roles]: [&Probed; 2],
 ) -> Result<HashMap<String, RowCounts>, SourceError> {
-    let sql = |q: &str| {
+    let sql = |q: &str, probed: &Probed| {
         let (key, group) = if multi {
-            ("account_id::text", " GROUP BY 1")
+            (
+                format!("q.{}::text", quoted(probed.account_column())),
+                " GROUP BY 1",
+            )
         } else {
-            ("''::text", "")
+            ("''::text".to_string(), "")
         };
         format!(
-            "SELECT {key}, count(*), COALESCE(sum(hashtextextended(q::text, 0)), 0)::text FROM ({q}) AS q{group}"
+            "SELECT {key}, count(*), COALESCE(sum({}), 0)::text FROM ({q}) AS q{group}",
+            probed.row_hash()
         )
     };
     let mut out: HashMap<String, RowCounts> = HashMap::new();
-    for (query, shape, users) in [
-        (&settings.source.users_query, &USERS_SHAPE, true),
-        (&settings.source.roles_query, &ROLES_SHAPE, false),
+    for (query, shape, probed, is_users) in [
+        (&settings.source.users_query, &USERS_SHAPE, users, true),
+        (&settings.source.roles_query, &ROLES_SHAPE, roles, false),
     ] {
-        let rows: Vec<(Option<String>, i64, String)> = sqlx::query_as(AssertSqlSafe(sql(query)))
-            .persistent(false)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(in_query(shape.name))?;
+        let rows: Vec<(Option<String>, i64, String)> =
+            sqlx::query_as(AssertSqlSafe(sql(query, probed)))
+                .persistent(false)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(in_query(shape.name))?;
         for (id, n, sum) in rows {
             let e = out.entry(id.unwrap_or_default()).or_default();
-            if users {
+            if is_users {
                 (e.users, e.users_sum) = (n, sum);
             } else {
                 (e.roles, e.roles_sum) = (n, sum);

@@ -89,13 +89,20 @@ pub async fn finish_account(
     Ok(())
 }
 
-/// The fingerprints stored at each account's last clean cycle, with the token then used.
-pub async fn load_source_fingerprints(pool: &PgPool) -> Result<HashMap<String, (String, String)>> {
+/// The fingerprints stored at each account's last clean cycle (of the accounts `only`, when
+/// given), with the token then used.
+pub async fn load_source_fingerprints(
+    pool: &PgPool,
+    only: Option<&std::collections::HashSet<String>>,
+) -> Result<HashMap<String, (String, String)>> {
     let mut conn = pool.acquire().await?;
+    let only: Option<Vec<&str>> = only.map(|o| o.iter().map(String::as_str).collect());
     let rows: Vec<(String, String, String)> = sqlx::query_as(
         "SELECT account_id, source_fingerprint, token_fingerprint FROM accounts
-         WHERE source_fingerprint IS NOT NULL AND token_fingerprint IS NOT NULL AND status = 'ok'",
+         WHERE source_fingerprint IS NOT NULL AND token_fingerprint IS NOT NULL AND status = 'ok'
+           AND ($1::text[] IS NULL OR account_id = ANY($1))",
     )
+    .bind(only)
     .fetch_all(&mut *conn)
     .await?;
     crate::db::hand_back(conn).await;

@@ -17,9 +17,39 @@ use crate::domain::normalize_account;
 use crate::source::{self, AccountRows, ReadSummary, SkipUnchanged, SourceError};
 use crate::state::{self, StateError};
 
+/// What started a cycle.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Trigger {
+    /// `run`'s schedule.
+    Schedule,
+    /// A NOTIFY heard by `run`.
+    Notify,
+    /// The `sync` command (and `plan`).
+    #[default]
+    Sync,
+    /// The reconcile schedule or the `reconcile` command.
+    Reconcile,
+    /// `dead-letters retry --now`.
+    Retry,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::Notify => "notify",
+            Trigger::Sync => "sync",
+            Trigger::Reconcile => "reconcile",
+            Trigger::Retry => "retry",
+        }
+    }
+}
+
 /// Options of one cycle.
 #[derive(Debug, Clone, Default)]
 pub struct CycleOptions {
+    /// What started it.
+    pub trigger: Trigger,
     /// Compute and report, send nothing, write nothing.
     pub dry_run: bool,
     /// Accounts whose mass deletion is let through this cycle.
@@ -33,9 +63,20 @@ pub struct CycleOptions {
 }
 
 impl CycleOptions {
-    /// A plain scheduled cycle: the only kind that skips accounts whose rows did not change.
+    /// A reconcile: every account read back from Wazzup and repaired first.
+    pub fn reconcile() -> Self {
+        Self {
+            reconcile: true,
+            trigger: Trigger::Reconcile,
+            ..Default::default()
+        }
+    }
+
+    /// Every cycle but a dry run and a reconcile skips the accounts whose rows did not change
+    /// since their last clean cycle (a notified one too: a notification may name an account
+    /// whose views did not change).
     fn skips_unchanged(&self) -> bool {
-        !self.dry_run && !self.reconcile && self.only_accounts.is_none()
+        !self.dry_run && !self.reconcile
     }
 }
 
@@ -72,11 +113,11 @@ impl Engine {
             opts.only_accounts.clone(),
             skip,
             self.settings.sync.concurrency,
+            self.row_cache.clone(),
         );
         let mut reports = self
             .sync_accounts(rows, opts, mirror_exists, &progress)
             .await;
-        self.release_locks().await;
         progress.stop();
         let summary = reader.await.map_err(|e| {
             SourceError::Database(sqlx::Error::Protocol(format!(
@@ -114,7 +155,7 @@ impl Engine {
         Ok(SkipUnchanged {
             enabled,
             known: if enabled {
-                state::load_source_fingerprints(&self.state).await?
+                state::load_source_fingerprints(&self.state, opts.only_accounts.as_ref()).await?
             } else {
                 Default::default()
             },

@@ -22,13 +22,14 @@ pub mod cycle;
 pub mod deletes;
 pub mod drift;
 pub mod dry_run;
+pub mod phones;
 pub mod progress;
 pub mod rejections;
 pub mod report;
 pub mod settings;
 pub mod users;
 
-pub use cycle::{CycleError, CycleOptions};
+pub use cycle::{CycleError, CycleOptions, Trigger};
 pub use report::{AccountOutcome, AccountReport, CycleReport};
 
 /// Bumped whenever normalization changes what a CRM row becomes, so that accounts skipped as
@@ -49,6 +50,9 @@ pub struct Engine {
     shutdown: watch::Receiver<bool>,
     /// The session holding the advisory locks of the accounts being synced, during a cycle.
     locks: Arc<tokio::sync::Mutex<Option<sqlx::PgConnection>>>,
+    /// The CRM rows of the accounts notifications named, so that the next notification for
+    /// one of them makes PostgreSQL send only the rows that changed.
+    row_cache: Arc<std::sync::Mutex<source::RowCache>>,
 }
 
 /// Why pushing stopped early for an account.
@@ -80,6 +84,7 @@ impl Engine {
             normalize: Arc::new(normalize),
             shutdown,
             locks: Arc::new(tokio::sync::Mutex::new(None)),
+            row_cache: Arc::default(),
         })
     }
 
@@ -172,8 +177,9 @@ impl Engine {
         }
     }
 
-    /// Closes the lock session at the end of a cycle: a quiet daemon holds no state session.
-    async fn release_locks(&self) {
+    /// Closes the lock session (kept from cycle to cycle while cycles run): a quiet daemon
+    /// holds no state session.
+    pub async fn release_locks(&self) {
         if let Some(conn) = self.locks.lock().await.take() {
             let _ = sqlx::Connection::close(conn).await;
         }
