@@ -168,11 +168,7 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
             commands::sync::sync_and_report(settings, opts).await
         }
         Command::Reconcile => {
-            let opts = CycleOptions {
-                reconcile: true,
-                ..Default::default()
-            };
-            commands::sync::sync_and_report(settings, opts).await
+            commands::sync::sync_and_report(settings, CycleOptions::reconcile()).await
         }
         Command::Plan { format, detail } => {
             let report = commands::plan(settings, detail).await?;
@@ -203,28 +199,33 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
-        Command::DeadLetters(cmd) => {
-            let (action, account, id) = match cmd {
-                DeadLetterCommand::List {
-                    account,
-                    format,
-                    all,
-                } => (
-                    dead_letters::Action::List {
-                        all,
-                        json: format == "json",
-                    },
-                    account,
-                    None,
-                ),
-                DeadLetterCommand::Retry {
-                    account, id, now, ..
-                } => (dead_letters::Action::Retry { now }, account, id),
-                DeadLetterCommand::Discard { account, id, .. } => {
-                    (dead_letters::Action::Discard, account, id)
-                }
-            };
-            dead_letters::run(settings, action, Selection { account, id }).await
-        }
+        Command::DeadLetters(cmd) => dead_letters_command(cmd, settings).await,
     }
+}
+
+async fn dead_letters_command(
+    cmd: DeadLetterCommand,
+    settings: Settings,
+) -> anyhow::Result<ExitCode> {
+    let (action, account, id) = match cmd {
+        DeadLetterCommand::List {
+            account,
+            format,
+            all,
+        } => (
+            dead_letters::Action::List {
+                all,
+                json: format == "json",
+            },
+            account,
+            None,
+        ),
+        DeadLetterCommand::Retry {
+            account, id, now, ..
+        } => (dead_letters::Action::Retry { now }, account, id),
+        DeadLetterCommand::Discard { account, id, .. } => {
+            (dead_letters::Action::Discard, account, id)
+        }
+    };
+    dead_letters::run(settings, action, Selection { account, id }).await
 }

@@ -45,6 +45,7 @@ pub async fn run(
             if now && !accounts.is_empty() {
                 let opts = CycleOptions {
                     only_accounts: Some(accounts.into_iter().collect()),
+                    trigger: crate::sync::Trigger::Retry,
                     ..Default::default()
                 };
                 return super::sync::sync_and_report(settings, opts).await;

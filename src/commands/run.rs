@@ -15,7 +15,7 @@ use super::sync::migrate_schema;
 use super::{shutdown_signal, warn_insecure};
 use crate::config::Settings;
 use crate::ops::Health;
-use crate::sync::{CycleOptions, CycleReport, Engine};
+use crate::sync::{CycleOptions, CycleReport, Engine, Trigger};
 
 /// `run`: serve health and metrics, wait for the state database and migrate, then a cycle at
 /// start and on every tick of the schedule until SIGTERM/SIGINT. A database that is down, at
@@ -102,6 +102,7 @@ async fn run_cycles(
             () = tokio::time::sleep(crate::db::IDLE_TIMEOUT), if !quiet => {
                 crate::db::close_idle(&engine.source).await;
                 crate::db::close_idle(&engine.state).await;
+                engine.release_locks().await;
                 quiet = true;
                 continue;
             }
@@ -175,22 +176,61 @@ impl Triggers {
         })
     }
 
-    /// The next cycle's options. Notifications are gathered for a moment: a burst of changes
-    /// costs one cycle, for the notified accounts only (an empty payload means all).
+    /// The next cycle's options. A pending reconcile or scheduled tick comes first (it covers
+    /// every account, so the notifications waiting are taken with it). Notifications that
+    /// arrived while the last cycle ran start the next one at once; after a quiet spell, the
+    /// first one is followed by a short pause that gathers the rest of its burst. A notified
+    /// cycle covers the notified accounts only (an empty payload means all).
     async fn next(&mut self) -> CycleOptions {
-        tokio::select! {
-            Some(()) = self.reconcile.recv() => CycleOptions { reconcile: true, ..Default::default() },
-            Some(()) = self.tick.recv() => CycleOptions::default(),
-            Some(first) = self.notified.recv() => {
-                tokio::time::sleep(NOTIFY_DEBOUNCE).await;
-                let mut accounts = HashSet::from([first]);
-                while let Ok(more) = self.notified.try_recv() {
-                    accounts.insert(more);
+        if self.reconcile.try_recv().is_ok() {
+            return self.full(Trigger::Reconcile);
+        }
+        if self.tick.try_recv().is_ok() {
+            return self.full(Trigger::Schedule);
+        }
+        let mut accounts = HashSet::new();
+        self.drain(&mut accounts);
+        if accounts.is_empty() {
+            tokio::select! {
+                Some(()) = self.reconcile.recv() => return self.full(Trigger::Reconcile),
+                Some(()) = self.tick.recv() => return self.full(Trigger::Schedule),
+                Some(first) = self.notified.recv() => {
+                    accounts.insert(first);
+                    tokio::time::sleep(NOTIFY_GATHER).await;
+                    self.drain(&mut accounts);
                 }
-                let all = accounts.contains("");
-                tracing::info!(accounts = accounts.len(), "Syncing after a notification");
-                CycleOptions { only_accounts: (!all).then_some(accounts), ..Default::default() }
             }
+        }
+        let all = accounts.contains("");
+        tracing::debug!(
+            accounts = accounts.len(),
+            all,
+            "Syncing after a notification"
+        );
+        CycleOptions {
+            only_accounts: (!all).then_some(accounts),
+            trigger: Trigger::Notify,
+            ..Default::default()
+        }
+    }
+
+    /// Takes every notification waiting.
+    fn drain(&mut self, accounts: &mut HashSet<String>) {
+        while let Ok(more) = self.notified.try_recv() {
+            accounts.insert(more);
+        }
+    }
+
+    /// A cycle over every account: the notifications waiting are covered by it, since its
+    /// snapshot is taken after they were sent.
+    fn full(&mut self, trigger: Trigger) -> CycleOptions {
+        self.drain(&mut HashSet::new());
+        if trigger == Trigger::Reconcile {
+            return CycleOptions::reconcile();
+        }
+        CycleOptions {
+            trigger,
+            ..Default::default()
         }
     }
 
@@ -266,5 +306,6 @@ impl FailureLog {
     }
 }
 
-/// How long notifications are gathered before the cycle they trigger starts.
-const NOTIFY_DEBOUNCE: Duration = Duration::from_millis(200);
+/// After a quiet spell, how long notifications are gathered before the cycle they trigger
+/// starts: long enough for the rest of a burst of transactions, short next to a cycle.
+const NOTIFY_GATHER: Duration = Duration::from_millis(50);
