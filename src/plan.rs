@@ -44,7 +44,8 @@ pub struct UserPlan<'a> {
 /// the same; a changed payload is sent at once.
 pub type Waiting = HashMap<(Entity, String), Option<String>>;
 
-fn is_waiting(waiting: &Waiting, entity: Entity, id: &str, hash: &str) -> bool {
+/// True when the record was refused with this very payload and is not due again.
+pub fn is_waiting(waiting: &Waiting, entity: Entity, id: &str, hash: &str) -> bool {
     waiting
         .get(&(entity, id.to_string()))
         .is_some_and(|h| h.as_deref() == Some(hash))

@@ -8,13 +8,16 @@ use wazzup_api::{Account, RequestStats};
 
 use super::report::{AccountOutcome, AccountReport};
 use super::{CycleOptions, Engine, Stop};
+use wazzup_api::fold_code;
+
+use super::phones::PhoneBook;
 use crate::domain::{
     Entity, Mirror, Normalized, RememberedUsers, SourceRole, SourceUser, ValidUser,
     normalize_account, token_fingerprint,
 };
 use crate::plan::{self, DeleteGuard, UserPlan};
 use crate::source::SourceAccount;
-use crate::state::{self, AccountState, OpenDeadLetter, StateError};
+use crate::state::{self, AccountState, DeadLetterKind, OpenDeadLetter, Resolution, StateError};
 
 /// What every stage of one account's cycle works on.
 pub(super) struct Job<'a> {
@@ -28,6 +31,8 @@ pub(super) struct Job<'a> {
     pub open: Vec<OpenDeadLetter>,
     /// Of those, the records Wazzup refused that are not due again.
     pub waiting: plan::Waiting,
+    /// Who holds each phone in Wazzup, when a user sent this cycle brings a phone.
+    pub phones: Option<PhoneBook>,
 }
 
 impl Job<'_> {
@@ -74,13 +79,14 @@ impl Engine {
             drop((users, roles));
             let unremembered = unremembered_rows(&norm, &mirror, &phones);
             state::remember_rows(&mut *session, &account.account_id, &unremembered).await?;
-            drop((unremembered, phones));
+            drop(unremembered);
+            let book = phone_book(&norm, &mirror, phones);
             self.sync_account(
                 account,
                 api,
                 source_fingerprint,
                 &norm,
-                (mirror, session),
+                (mirror, session, book),
                 opts,
                 report,
             )
@@ -102,7 +108,7 @@ impl Engine {
         api: Account<'_>,
         source_fingerprint: &str,
         norm: &Normalized,
-        (mut mirror, mut session): (Mirror, PoolConnection<Postgres>),
+        (mut mirror, mut session, phones): (Mirror, PoolConnection<Postgres>, Option<PhoneBook>),
         opts: &CycleOptions,
         report: &mut AccountReport,
     ) -> Result<AccountOutcome, StateError> {
@@ -127,6 +133,7 @@ impl Engine {
             token,
             waiting: super::rejections::waiting(&open, Utc::now()),
             open,
+            phones,
         };
         self.record_local_rejections(&job, report).await?;
         if opts.reconcile
@@ -140,7 +147,10 @@ impl Engine {
             pending = state::load_pending(&self.state, id).await?;
         }
         let plan = self.plan_for(&job, &mirror, &pending, report);
-        let mut stop = self.users_stage(&job, &plan, &mut mirror, report).await?;
+        let users = self
+            .users_stage(&job, &plan, &plan.deletes, &mut mirror, report)
+            .await?;
+        let mut stop = users.stop;
         self.close_dead_letters(&job, &mirror).await?;
         let deletes = if stop.is_none() {
             plan.deletes.clone()
@@ -148,14 +158,73 @@ impl Engine {
             vec![]
         };
         let settings_stop = self
-            .settings_stage(&job, &mirror, &deletes, &last, stop.is_some(), report)
+            .settings_stage(&job, &mirror, &deletes, &mut last, stop.is_some(), report)
             .await?;
         stop = stop.or(settings_stop);
         if stop.is_none() && !deletes.is_empty() {
             stop = self.deletes_stage(&job, &deletes, &mirror, report).await?;
+            if stop.is_none() && report.deleted > 0 {
+                let late = held_for_room(&job, &mirror, users.full_refused);
+                stop = self
+                    .room_made(&job, late, &deletes, &mut mirror, &mut last, report)
+                    .await?;
+            }
         }
         self.close_returned_deletes(&job).await?;
         self.finish(&job, source_fingerprint, stop, report).await
+    }
+
+    /// Deletes made room in an account that was full: the creates Wazzup refused for the user
+    /// limit (this cycle, or earlier and waiting) go now, then the settings with their roles.
+    async fn room_made(
+        &self,
+        job: &Job<'_>,
+        late: Vec<&ValidUser>,
+        deleted: &[String],
+        mirror: &mut Mirror,
+        last: &mut AccountState,
+        report: &mut AccountReport,
+    ) -> Result<Option<Stop>, StateError> {
+        if late.is_empty() {
+            return Ok(None);
+        }
+        tracing::info!(
+            users = late.len(),
+            "Deleted users made room: creating the users the user limit held back"
+        );
+        // Each is counted again by what this attempt comes to: refused earlier in this cycle,
+        // or waiting since an earlier one.
+        let waited = late
+            .iter()
+            .filter(|u| plan::is_waiting(&job.waiting, Entity::User, &u.payload.id, &u.hash))
+            .count();
+        report.waiting = report.waiting.saturating_sub(waited);
+        report.rejected_remotely = report.rejected_remotely.saturating_sub(late.len() - waited);
+        let plan = UserPlan {
+            creates: late,
+            ..Default::default()
+        };
+        let done = self.users_stage(job, &plan, &[], mirror, report).await?;
+        let landed: Vec<String> = plan
+            .creates
+            .iter()
+            .filter(|u| mirror.get(u.payload.id.as_str()) == Some(&u.hash))
+            .map(|u| u.payload.id.to_string())
+            .collect();
+        state::resolve(
+            &self.state,
+            job.id(),
+            Entity::User,
+            &landed,
+            Resolution::Synced,
+        )
+        .await?;
+
+        if done.stop.is_some() {
+            return Ok(done.stop);
+        }
+        self.settings_stage(job, mirror, deleted, last, false, report)
+            .await
     }
 
     /// Skipped while Wazzup refused this very token and the cool-down has not passed.
@@ -255,6 +324,59 @@ impl Engine {
         crate::db::hand_back(session).await;
         Ok(outcome)
     }
+}
+
+/// The creates to send once deletes made room: those refused for the user limit this cycle,
+/// and those refused for it earlier that wait, unchanged, for their next attempt.
+fn held_for_room<'n>(
+    job: &Job<'n>,
+    mirror: &Mirror,
+    refused_now: Vec<&'n ValidUser>,
+) -> Vec<&'n ValidUser> {
+    let limit = fold_code("USER_LIMIT_EXCEEDED");
+    let held: foldhash::HashSet<&str> = job
+        .open_of(Entity::User)
+        .filter(|d| d.kind == DeadLetterKind::Rejected && fold_code(&d.error_code) == limit)
+        .map(|d| d.record_id.as_str())
+        .collect();
+    let mut late = refused_now;
+    late.extend(job.norm.users.iter().filter(|u| {
+        held.contains(u.payload.id.as_str())
+            && !mirror.contains_key(&u.payload.id)
+            && plan::is_waiting(&job.waiting, Entity::User, &u.payload.id, &u.hash)
+    }));
+    late.sort_by(|a, b| a.payload.id.cmp(&b.payload.id));
+    late.dedup_by(|a, b| a.payload.id == b.payload.id);
+    late
+}
+
+/// What Wazzup holds of each phone, as the mirror knows it, when a user sent this cycle brings
+/// a phone (else None, and nothing is built). `left` is what normalization did not take of
+/// what the mirror remembers: users whose row changed, and users the CRM no longer returns.
+fn phone_book(norm: &Normalized, mirror: &Mirror, left: RememberedUsers) -> Option<PhoneBook> {
+    let moving = norm
+        .users
+        .iter()
+        .any(|u| u.payload.phone.is_some() && mirror.get(&u.payload.id) != Some(&u.hash));
+    if !moving {
+        return None;
+    }
+    let mut book = PhoneBook::default();
+    // A user recognised by its unchanged row holds the phone it is sent with.
+    for u in norm.users.iter().filter(|u| u.row_remembered) {
+        if let Some(p) = &u.payload.phone {
+            book.holder.insert(p.clone(), u.payload.id.clone());
+        }
+    }
+    for (id, remembered) in left {
+        if let Some((_, Some(digits), _)) = remembered.phone {
+            book.holder.insert(digits, id.clone());
+        }
+        if let Some(row) = remembered.row {
+            book.leaver_name.insert(id, row.name);
+        }
+    }
+    Some(book)
 }
 
 /// Users Wazzup holds as they are, whose CRM row the mirror does not remember (yet, or under

@@ -99,6 +99,11 @@ impl<T> BatchQueue<T> {
         self.stack.extend(batches.into_iter().rev());
     }
 
+    /// Marks the account full from the start (an earlier round found it so).
+    pub fn set_full(&mut self) {
+        self.full = true;
+    }
+
     /// True once a record was refused because the account is full.
     pub fn is_full(&self) -> bool {
         self.full

@@ -18,7 +18,7 @@ impl Engine {
         job: &Job<'_>,
         mirror: &Mirror,
         deletes: &[String],
-        last: &AccountState,
+        last: &mut AccountState,
         blocked: bool,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
@@ -45,6 +45,9 @@ impl Engine {
                 stop = Some(Stop::Shutdown);
             } else {
                 stop = self.push_settings(job, &doc, json, &hash, report).await?;
+                if report.settings_pushed {
+                    last.settings_hash = Some(hash.clone());
+                }
             }
         }
         let refused_before = job

@@ -11,6 +11,7 @@ use wazzup_api::{Account, ApiError, UserPayload};
 
 use super::account::Job;
 use super::batch::{BatchQueue, Next, Refusal, Verdict};
+use super::phones::{self, PhoneMoves};
 use super::progress::Progress;
 use super::report::AccountReport;
 use super::{Engine, Stop};
@@ -18,12 +19,23 @@ use crate::domain::{CrmText, Entity, Mirror, ValidUser, mask_digits};
 use crate::plan::UserPlan;
 use crate::state::{self, RemoteRejection, StateError};
 
-/// One push of an account's users: the queue, and what it came to so far.
-struct Push<'u> {
-    queue: BatchQueue<&'u ValidUser>,
-    /// (user id, hash) of every user Wazzup acknowledged.
+/// One push of an account's users: the queue of the round being sent, and what the push came
+/// to so far.
+struct Push<'m, 'u> {
+    queue: BatchQueue<&'m ValidUser>,
+    /// (user id, hash) of every user Wazzup acknowledged as the CRM has it.
     acked: Vec<(CrmText, String)>,
-    rejected: usize,
+    /// (user id, hash) of users acknowledged without their phone, for a moment (a first round).
+    interim: Vec<(CrmText, String)>,
+    /// True while the first round (users without their phone) is sent.
+    first_round: bool,
+    /// The users of the account as the CRM has them, by id: a first-round refusal is recorded
+    /// as theirs.
+    real: HashMap<&'u str, &'u ValidUser>,
+    /// Ids refused for good this cycle.
+    refused: HashSet<String>,
+    /// Creates refused because the account is full: sent again once deletes make room.
+    full_refused: Vec<&'u ValidUser>,
     /// Why the records still held were refused.
     held: HashMap<String, RemoteRejection>,
     /// Wazzup's answer (status, code, description) when it refused a user because the
@@ -31,53 +43,142 @@ struct Push<'u> {
     limit: Option<(u16, String, String)>,
 }
 
+/// What the users stage came to.
+pub(super) struct UsersDone<'u> {
+    pub stop: Option<Stop>,
+    /// Creates refused because the account is full.
+    pub full_refused: Vec<&'u ValidUser>,
+}
+
 impl Engine {
-    /// Pushes the plan's updates and creates; the mirror learns what landed.
-    pub(super) async fn users_stage(
+    /// Pushes the plan's updates and creates; the mirror learns what landed. Phones that move
+    /// between users go in the order [`phones::order`] gives (`leaving`: this cycle's deletes).
+    pub(super) async fn users_stage<'u>(
         &self,
-        job: &Job<'_>,
-        plan: &UserPlan<'_>,
+        job: &Job<'u>,
+        plan: &UserPlan<'u>,
+        leaving: &[String],
         mirror: &mut Mirror,
         report: &mut AccountReport,
-    ) -> Result<Option<Stop>, StateError> {
+    ) -> Result<UsersDone<'u>, StateError> {
         let mut due: Vec<&ValidUser> = plan.updates.clone();
         due.extend(plan.creates.iter().copied());
         if due.is_empty() {
-            return Ok(None);
+            return Ok(UsersDone {
+                stop: None,
+                full_refused: Vec::new(),
+            });
         }
         warn_unreadable_phones(&due);
         let in_mirror: HashSet<&str> = plan.updates.iter().map(|u| u.payload.id.as_str()).collect();
+        let leaving: HashSet<&str> = leaving.iter().map(String::as_str).collect();
+        let moves = match &job.phones {
+            Some(book) => phones::order(due.clone(), book, &leaving),
+            None => PhoneMoves {
+                main: due.clone(),
+                ..Default::default()
+            },
+        };
         let mut push = Push {
-            queue: BatchQueue::new(due.clone(), self.settings.sync.batch_size),
+            queue: BatchQueue::new(Vec::new(), self.settings.sync.batch_size),
             acked: Vec::new(),
-            rejected: 0,
+            interim: Vec::new(),
+            first_round: false,
+            real: due.iter().map(|u| (u.payload.id.as_str(), *u)).collect(),
+            refused: HashSet::new(),
+            full_refused: Vec::new(),
             held: HashMap::new(),
             limit: None,
         };
         let stop = self
-            .push_users(&job.api, &mut push, &in_mirror, report)
+            .push_rounds(&job.api, &moves, &mut push, &in_mirror, report)
             .await?;
-        for (uid, hash) in &push.acked {
+        for (uid, hash) in push.interim.iter().chain(&push.acked) {
             mirror.insert(uid.clone(), hash.clone());
         }
-        report.updated = push
+        let updated = push
             .acked
             .iter()
             .filter(|(u, _)| in_mirror.contains(u.as_str()))
             .count();
-        report.created = push.acked.len() - report.updated;
-        report.deferred += due.len() - push.acked.len() - push.rejected;
-        Ok(stop)
+        report.updated += updated;
+        report.created += push.acked.len() - updated;
+        let acked: HashSet<&str> = push.acked.iter().map(|(u, _)| u.as_str()).collect();
+        report.deferred += due
+            .iter()
+            .map(|u| u.payload.id.as_str())
+            .filter(|id| !acked.contains(id) && !push.refused.contains(*id))
+            .count();
+        Ok(UsersDone {
+            stop,
+            full_refused: push.full_refused,
+        })
+    }
+
+    /// The rounds: users without their phone, everyone else, the phones given back. A round
+    /// starts once the one before was answered; a user whose first round did not land is not
+    /// given its phone.
+    async fn push_rounds<'m, 'u: 'm>(
+        &self,
+        acct: &Account<'_>,
+        moves: &'m PhoneMoves<'u>,
+        push: &mut Push<'m, 'u>,
+        in_mirror: &HashSet<&str>,
+        report: &mut AccountReport,
+    ) -> Result<Option<Stop>, StateError> {
+        let released: Vec<&ValidUser> = moves.release.iter().collect();
+        push.first_round = true;
+        let stop = self
+            .push_round(acct, released, push, in_mirror, report)
+            .await?;
+        push.first_round = false;
+        if stop.is_some() {
+            return Ok(stop);
+        }
+        let stop = self
+            .push_round(acct, moves.main.clone(), push, in_mirror, report)
+            .await?;
+        if stop.is_some() {
+            return Ok(stop);
+        }
+        let landed: HashSet<&str> = push.interim.iter().map(|(u, _)| u.as_str()).collect();
+        let restore: Vec<&ValidUser> = moves
+            .restore
+            .iter()
+            .copied()
+            .filter(|u| landed.contains(u.payload.id.as_str()))
+            .collect();
+        self.push_round(acct, restore, push, in_mirror, report)
+            .await
+    }
+
+    /// One round: its users in batches, through [`Self::push_users`].
+    async fn push_round<'m, 'u>(
+        &self,
+        acct: &Account<'_>,
+        users: Vec<&'m ValidUser>,
+        push: &mut Push<'m, 'u>,
+        in_mirror: &HashSet<&str>,
+        report: &mut AccountReport,
+    ) -> Result<Option<Stop>, StateError> {
+        if users.is_empty() {
+            return Ok(None);
+        }
+        push.queue = BatchQueue::new(users, self.settings.sync.batch_size);
+        if push.limit.is_some() {
+            push.queue.set_full();
+        }
+        self.push_users(acct, push, in_mirror, report).await
     }
 
     /// Sends the queue's batches, up to `sync.batches_in_flight` at once, until the queue is
     /// empty or something stops the account; what is in flight then is still answered and
     /// recorded. The records still held at the end are refused for good. State writes happen
     /// one at a time, here, so the pending log is written before its request goes out.
-    async fn push_users(
+    async fn push_users<'m, 'u>(
         &self,
         acct: &Account<'_>,
-        push: &mut Push<'_>,
+        push: &mut Push<'m, 'u>,
         in_mirror: &HashSet<&str>,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
@@ -134,30 +235,32 @@ impl Engine {
     }
 
     /// Creates refused unsent because the account is full, with Wazzup's answer.
-    async fn refuse_full(
+    async fn refuse_full<'m, 'u>(
         &self,
         account_id: &str,
-        full: &[&ValidUser],
-        push: &mut Push<'_>,
+        full: &[&'m ValidUser],
+        push: &mut Push<'m, 'u>,
         report: &mut AccountReport,
     ) -> Result<(), StateError> {
         let Some((status, code, description)) = push.limit.clone() else {
             return Ok(());
         };
+        let real: Vec<&'u ValidUser> = full.iter().filter_map(|u| push.real_of(u)).collect();
+        push.full_refused.extend(real);
         let refused: Vec<_> = full
             .iter()
-            .map(|u| user_rejection(u, status, &code, &description))
+            .map(|u| user_rejection(push.real_of(u).unwrap_or(u), status, &code, &description))
             .collect();
         self.record_refused(account_id, refused, push, report).await
     }
 
     /// Records one `POST /v2/users` answer: what landed, what was refused, or why to stop.
-    async fn answered<'u>(
+    async fn answered<'m, 'u>(
         &self,
         acct: &Account<'_>,
-        batch: Vec<&'u ValidUser>,
+        batch: Vec<&'m ValidUser>,
         result: Result<Option<u64>, ApiError>,
-        push: &mut Push<'u>,
+        push: &mut Push<'m, 'u>,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
         match result {
@@ -236,16 +339,19 @@ impl Engine {
         &self,
         account_id: &str,
         landed: &[&ValidUser],
-        push: &mut Push<'_>,
+        push: &mut Push<'_, '_>,
     ) -> Result<(), StateError> {
         // Their dead letters close once, after the stage (`close_dead_letters`), from the mirror.
         state::upsert_mirror(&self.state, account_id, landed).await?;
         push.queue.landed(landed.len());
-        push.acked.extend(
-            landed
-                .iter()
-                .map(|u| (u.payload.id.clone(), u.hash.clone())),
-        );
+        let acked = landed
+            .iter()
+            .map(|u| (u.payload.id.clone(), u.hash.clone()));
+        if push.first_round {
+            push.interim.extend(acked);
+        } else {
+            push.acked.extend(acked);
+        }
         Ok(())
     }
 
@@ -254,23 +360,30 @@ impl Engine {
         &self,
         account_id: &str,
         refused: Vec<RemoteRejection>,
-        push: &mut Push<'_>,
+        push: &mut Push<'_, '_>,
         report: &mut AccountReport,
     ) -> Result<(), StateError> {
         for r in &refused {
             tracing::warn!(record_id = %r.record_id, code = %r.code, description = %mask_digits(&r.message),
                 http_status = r.http_status, "Wazzup refused a user");
         }
-        push.rejected += refused.len();
+        push.refused
+            .extend(refused.iter().map(|r| r.record_id.clone()));
         report.rejected_remotely += refused.len();
         state::record_rejected(&self.state, account_id, &refused).await
     }
 }
 
-impl<'u> Push<'u> {
+impl<'m, 'u> Push<'m, 'u> {
+    /// The user as the CRM has it (a user of the first round goes without its phone); None for
+    /// a user who left the CRM.
+    fn real_of(&self, u: &ValidUser) -> Option<&'u ValidUser> {
+        self.real.get(u.payload.id.as_str()).copied()
+    }
+
     /// Asks the queue what a refusal means, and keeps what must be remembered: the answer of a
     /// full account, and why held users were refused. Returns the users refused now.
-    fn refuse(&mut self, batch: Vec<&'u ValidUser>, e: &ApiError) -> Vec<RemoteRejection> {
+    fn refuse(&mut self, batch: Vec<&'m ValidUser>, e: &ApiError) -> Vec<RemoteRejection> {
         let ApiError::Rejected {
             status,
             code,
@@ -287,7 +400,8 @@ impl<'u> Push<'u> {
         } else {
             Refusal::Other
         };
-        let first = batch[0];
+        let first = self.real_of(batch[0]).unwrap_or(batch[0]);
+        let first = user_rejection(first, *status, code, description);
         let was_full = self.queue.is_full();
         match self.queue.refused(batch, refusal, indexes) {
             Verdict::Refuse(users) => {
@@ -295,14 +409,20 @@ impl<'u> Push<'u> {
                     tracing::error!(code = %code, "The account reached Wazzup's user limit; no more users are created this cycle");
                     self.limit = Some((*status, code.clone(), description.clone()));
                 }
+                if refusal == Refusal::UserLimit {
+                    let real: Vec<&'u ValidUser> =
+                        users.iter().filter_map(|u| self.real_of(u)).collect();
+                    self.full_refused.extend(real);
+                }
                 users
                     .iter()
-                    .map(|u| user_rejection(u, *status, code, description))
+                    .map(|u| {
+                        user_rejection(self.real_of(u).unwrap_or(u), *status, code, description)
+                    })
                     .collect()
             }
             Verdict::Held => {
-                let r = user_rejection(first, *status, code, description);
-                self.held.insert(first.payload.id.to_string(), r);
+                self.held.insert(first.record_id.clone(), first);
                 Vec::new()
             }
             Verdict::Requeued => Vec::new(),

@@ -15,6 +15,8 @@ mod container;
 mod convergence;
 mod deploy;
 mod explain;
+mod moves;
+mod notified;
 mod operations;
 mod pgbouncer;
 mod plan_detail;

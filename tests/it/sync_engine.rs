@@ -396,7 +396,7 @@ async fn a_refused_settings_document_and_a_refused_deletion_close_once_they_land
 }
 
 #[tokio::test]
-async fn the_user_limit_stops_creates_while_updates_settings_and_deletes_still_run() {
+async fn the_user_limit_holds_creates_until_the_cycles_deletes_make_room_and_updates_still_go() {
     let db = TestDb::with_crm().await;
     let sim = simulator().await;
     db.add_account("a1", "tok-1").await;
@@ -420,9 +420,13 @@ async fn the_user_limit_stops_creates_while_updates_settings_and_deletes_still_r
     assert_eq!(users["u1"].name, "Renamed", "the update went through");
     assert!(!users.contains_key("u8"), "the delete went through");
     let created: Vec<&String> = users.keys().filter(|k| k.starts_with('n')).collect();
-    assert_eq!(created.len(), 2, "the room left was filled");
+    assert_eq!(
+        created.len(),
+        3,
+        "the room left was filled, and the departure's room after the deletes"
+    );
     let dead = db.open_dead_letters().await;
-    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert_eq!(dead.len(), 2, "{dead:?}");
     assert!(
         dead.iter()
             .all(|d| d.error_code == "USER_LIMIT_EXCEEDED" && d.entity == "user")
@@ -434,9 +438,10 @@ async fn the_user_limit_stops_creates_while_updates_settings_and_deletes_still_r
             .iter()
             .filter(|r| r.user_id.starts_with('n'))
             .count(),
-        2
+        3
     );
-    assert_eq!(report.accounts[0].rejected_remotely, 3);
+    assert_eq!(report.accounts[0].rejected_remotely, 2);
+    assert_eq!(report.accounts[0].created, 3);
 }
 
 #[tokio::test]
