@@ -216,7 +216,7 @@ async fn explain(
 
 /// The account's rows from one snapshot.
 async fn read_account(engine: &Engine, account: &SourceAccount) -> anyhow::Result<AccountRows> {
-    let only: HashSet<String> = HashSet::from([account.account_id.clone()]);
+    let only = HashSet::from([account.account_id.clone()]);
     let single = engine
         .settings
         .single_token()

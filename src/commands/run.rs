@@ -39,7 +39,7 @@ pub async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
         }
     }
     health.migrated();
-    engine.export_dead_letter_gauges().await;
+    engine.export_dead_letter_gauges(None).await;
     let mut triggers = Triggers::start(&engine, &health).await?;
     tracing::info!(
         schedule = %engine.settings.sync.schedule,

@@ -7,7 +7,12 @@
 //! to the driver.
 
 use sqlx::postgres::{PgRow, PgValueFormat};
-use sqlx::{Row, ValueRef};
+use sqlx::{Column, Row, ValueRef};
+
+/// The element types read here, by their PostgreSQL type OIDs.
+const BOOL: i32 = 16;
+const INT8: i32 = 20;
+const TEXT: i32 = 25;
 
 /// The elements of column `i` of `row` (none when it is NULL), read from its bytes by `read`.
 /// A value in text format is left to the driver, as `D`, and turned into `T` by `from`.
@@ -18,14 +23,20 @@ fn elements<T, D>(
     from: impl Fn(D) -> T,
 ) -> Result<Vec<Option<T>>, sqlx::Error>
 where
-    D: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres>,
+    D: for<'r> sqlx::Decode<'r, sqlx::Postgres>
+        + sqlx::Type<sqlx::Postgres>
+        + sqlx::postgres::PgHasArrayType,
 {
+    let named = |why: String| {
+        let column = row.columns().get(i).map_or("?", |c| c.name());
+        sqlx::Error::Decode(format!("column {i} ({column}): {why}").into())
+    };
     let value = row.try_get_raw(i)?;
     if value.is_null() {
         return Ok(Vec::new());
     }
     if value.format() != PgValueFormat::Binary {
-        let values: Option<Vec<Option<D>>> = row.try_get_unchecked(i)?;
+        let values: Option<Vec<Option<D>>> = row.try_get(i).map_err(|e| named(e.to_string()))?;
         return Ok(values
             .unwrap_or_default()
             .into_iter()
@@ -33,13 +44,15 @@ where
             .collect());
     }
     let bytes = value.as_bytes().map_err(sqlx::Error::Decode)?;
-    read(bytes).map_err(|why| sqlx::Error::Decode(format!("column {i}: {why}").into()))
+    read(bytes).map_err(named)
 }
 
-/// Walks an array's binary form: ndim, a flag, the element type, (length, lower bound) per
-/// dimension, then each element as a length and its bytes.
+/// Walks an array's binary form: ndim, a flag, the element type (which must be `element`),
+/// (length, lower bound) per dimension, then each element as a length and its bytes. Nothing is
+/// allocated for more elements than the bytes left can hold.
 fn parse<'b, T>(
     mut bytes: &'b [u8],
+    element: i32,
     read: impl Fn(&'b [u8]) -> Result<T, String>,
 ) -> Result<Vec<Option<T>>, String> {
     let mut int = || -> Result<i32, String> {
@@ -50,7 +63,14 @@ fn parse<'b, T>(
         Ok(i32::from_be_bytes(*head))
     };
     let dims = int()?;
-    let (_has_nulls, _element_type) = (int()?, int()?);
+    let (_has_nulls, element_type) = (int()?, int()?);
+    if element_type != element {
+        return Err(format!(
+            "an array of elements of type {} where {} was expected",
+            type_name(element_type),
+            type_name(element)
+        ));
+    }
     match dims {
         0 => return Ok(Vec::new()),
         1 => {}
@@ -62,7 +82,8 @@ fn parse<'b, T>(
     }
     let len = usize::try_from(int()?).map_err(|_| "a negative array length")?;
     let _lower_bound = int()?;
-    let mut out = Vec::with_capacity(len);
+    // Each element takes at least its four-byte length.
+    let mut out = Vec::with_capacity(len.min(bytes.len() / 4));
     for _ in 0..len {
         let (head, rest) = bytes
             .split_first_chunk::<4>()
@@ -88,7 +109,7 @@ fn parse<'b, T>(
 /// element costs more than its copy): joined, checked, then cut back at each element's end,
 /// where a character split between two elements fails.
 fn texts_of<T: for<'s> From<&'s str>>(bytes: &[u8]) -> Result<Vec<Option<T>>, String> {
-    let elements = parse(bytes, Ok)?;
+    let elements = parse(bytes, TEXT, Ok)?;
     let mut joined = Vec::with_capacity(elements.iter().flatten().map(|e| e.len()).sum());
     for e in elements.iter().flatten() {
         joined.extend_from_slice(e);
@@ -109,6 +130,16 @@ fn texts_of<T: for<'s> From<&'s str>>(bytes: &[u8]) -> Result<Vec<Option<T>>, St
 }
 
 const NOT_UTF8: &str = "a text element that is not UTF-8";
+
+/// A type OID as PostgreSQL names it, for the types these arrays hold.
+fn type_name(oid: i32) -> String {
+    match oid {
+        BOOL => "boolean".into(),
+        INT8 => "bigint".into(),
+        TEXT => "text".into(),
+        other => format!("OID {other}"),
+    }
+}
 
 fn boolean(bytes: &[u8]) -> Result<bool, String> {
     match bytes {
@@ -133,12 +164,12 @@ pub fn texts<T: for<'s> From<&'s str>>(
 
 /// A `bool[]` column (NULL reads as no elements).
 pub fn bools(row: &PgRow, i: usize) -> Result<Vec<Option<bool>>, sqlx::Error> {
-    elements(row, i, |b| parse(b, boolean), |v: bool| v)
+    elements(row, i, |b| parse(b, BOOL, boolean), |v: bool| v)
 }
 
 /// An `int8[]` column (NULL reads as no elements).
 pub fn int8s(row: &PgRow, i: usize) -> Result<Vec<Option<i64>>, sqlx::Error> {
-    elements(row, i, |b| parse(b, int8), |v: i64| v)
+    elements(row, i, |b| parse(b, INT8, int8), |v: i64| v)
 }
 
 #[cfg(test)]
@@ -185,9 +216,9 @@ mod tests {
             ]
         );
         let b = array(20, &[Some(&(-7i64).to_be_bytes()), None]);
-        assert_eq!(parse(&b, int8).unwrap(), [Some(-7), None]);
+        assert_eq!(parse(&b, INT8, int8).unwrap(), [Some(-7), None]);
         let b = array(16, &[Some(&[1]), Some(&[0])]);
-        assert_eq!(parse(&b, boolean).unwrap(), [Some(true), Some(false)]);
+        assert_eq!(parse(&b, BOOL, boolean).unwrap(), [Some(true), Some(false)]);
         let empty = [0i32, 0, 25]
             .iter()
             .flat_map(|v| v.to_be_bytes())
@@ -205,11 +236,38 @@ mod tests {
         // "ā" is two bytes: split between two elements, each alone is not UTF-8.
         assert!(texts_of::<String>(&array(25, &[Some(&[0xc4]), Some(&[0x81])])).is_err());
         assert!(texts_of::<String>(&array(25, &[Some(&[0xc4, 0x81])])).is_ok());
-        assert!(parse(&array(20, &[Some(&[1, 2])]), int8).is_err());
+        assert!(parse(&array(20, &[Some(&[1, 2])]), INT8, int8).is_err());
         let two_dims = [2i32, 0, 25]
             .iter()
             .flat_map(|v| v.to_be_bytes())
             .collect::<Vec<u8>>();
         assert!(texts_of::<String>(&two_dims).is_err());
+    }
+
+    #[test]
+    fn an_array_of_another_element_type_is_refused_by_name() {
+        let ints = array(23, &[Some(&7i32.to_be_bytes())]);
+        let err = texts_of::<String>(&ints).unwrap_err();
+        assert_eq!(
+            err,
+            "an array of elements of type OID 23 where text was expected"
+        );
+        let texts = array(25, &[Some(b"t")]);
+        assert!(
+            parse(&texts, BOOL, boolean)
+                .unwrap_err()
+                .contains("where boolean")
+        );
+    }
+
+    #[test]
+    fn a_length_in_the_header_beyond_the_bytes_allocates_nothing_for_it() {
+        let mut b = [1i32, 0, 25]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect::<Vec<u8>>();
+        b.extend(i32::MAX.to_be_bytes());
+        b.extend(1i32.to_be_bytes());
+        assert_eq!(texts_of::<String>(&b).unwrap_err(), "the array ends early");
     }
 }

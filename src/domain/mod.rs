@@ -62,6 +62,13 @@ pub enum Entity {
 }
 
 impl Entity {
+    /// The entity its text names.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Entity::User, Entity::Settings, Entity::Delete]
+            .into_iter()
+            .find(|e| e.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Entity::User => "user",

@@ -131,6 +131,7 @@ pub(super) fn boolean(
 
 /// Column positions of one query, found from its first row, each with the kind its values
 /// are read as. Every name but the last is read as text; the last is a boolean.
+#[derive(Debug, Clone)]
 pub(super) struct Columns(pub(super) Vec<Option<usize>>, Vec<Option<Kind>>);
 
 impl Columns {
@@ -296,55 +297,80 @@ pub(super) fn ids_for(ids: &[String], kind: Option<Kind>) -> Vec<String> {
     ids.iter().filter(|id| canonical(id)).cloned().collect()
 }
 
-/// The statement that reads some accounts of a query, sending only the rows the daemon does not
-/// hold already: per account one row with every row's hash ([`Probed::row_hash`]), then one
-/// array per column of the rows whose hash is not among `$2`, and those rows' hashes.
-/// PostgreSQL hashes every row of the accounts (the account's fingerprint) but sends the rest
-/// only for the rows that changed. Each account of `$1` (its ids, as [`ids_for`] gives them) is
-/// read on its own, by its account column in that column's type (an index on it serves, and no
-/// sort is needed), and gives one row, even without rows. In single-account mode (`multi`
-/// false) every row is the one account's, and `$1` is bound but not used.
-pub(super) fn delta_sql(query: &str, probed: &Probed, multi: bool) -> String {
+/// A query's rows of one named account `a.id` (a subquery named `q`): by the account column in
+/// its own type (an index on it serves), or every row in single-account mode (`multi` false).
+fn rows_of(query: &str, probed: &Probed, multi: bool) -> String {
+    let matched = if multi {
+        account_match(probed.account_column(), probed.cols.kind(0), "a.id")
+    } else {
+        "true".to_string()
+    };
+    format!("(SELECT * FROM ({query}) AS q WHERE {matched} OFFSET 0) AS q")
+}
+
+/// One array per column asked for (each as text, the last as a boolean), NULL for a column the
+/// query lacks.
+fn column_arrays(probed: &Probed) -> Vec<String> {
     let cols = &probed.cols;
     let last = cols.0.len() - 1;
-    let mut inner = vec![format!("{} AS h", probed.row_hash())];
-    let mut outer = vec!["array_agg(s.h)".to_string()];
-    for (n, idx) in cols.0.iter().enumerate().skip(1) {
-        let col = idx.map(|i| format!("q.{}", quoted(&probed.spelled[i])));
-        inner.push(match (col, n == last) {
-            (Some(c), false) => format!("{c}::text AS c{n}"),
-            (Some(c), true) => format!("{c} AS c{n}"),
-            (None, false) => format!("NULL::text AS c{n}"),
-            (None, true) => format!("NULL::bool AS c{n}"),
-        });
-        outer.push(format!("array_agg(s.c{n}) FILTER (WHERE NOT s.k)"));
-    }
-    outer.push("array_agg(s.h) FILTER (WHERE NOT s.k)".to_string());
-    let keep = if multi {
-        account_match(probed.account_column(), cols.kind(0), "a.id")
-    } else {
-        "$1::text[] IS NOT NULL".to_string()
-    };
-    // OFFSET 0 keeps the inner query whole, so each row is hashed once, not once per use.
-    let rows = format!(
-        "SELECT {} FROM (SELECT t.*, t.h = ANY($2::int8[]) AS k FROM \
-         (SELECT {} FROM ({query}) AS q WHERE {keep} OFFSET 0) AS t) AS s",
-        outer.join(", "),
-        inner.join(", ")
-    );
-    if multi {
-        format!(
-            "SELECT a.id, x.* FROM unnest($1::text[]) AS a(id) CROSS JOIN LATERAL ({rows}) AS x \
-             ORDER BY a.id COLLATE \"C\""
-        )
-    } else {
-        format!("SELECT NULL::text, x.* FROM ({rows}) AS x")
-    }
+    cols.0
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(n, idx)| {
+            let col = idx.map(|i| format!("q.{}", quoted(&probed.spelled[i])));
+            match (col, n == last) {
+                (Some(c), false) => format!("array_agg({c}::text)"),
+                (Some(c), true) => format!("array_agg({c})"),
+                (None, false) => "NULL::text[]".to_string(),
+                (None, true) => "NULL::bool[]".to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The statement that reads the named accounts of `$1` (their ids as [`ids_for`] gives them,
+/// in byte order), each on its own and giving one row even without rows: the account, its
+/// users as [`grouped_sql`] reads them with their hashes (the same columns, so
+/// [`USERS_GROUPED`]'s decoder reads them), then its role rows' count and the sum of their
+/// hashes (the role fingerprint, as the scheduled cycle's fingerprints compute it). The role
+/// rows themselves are read only for the accounts whose role fingerprint moved
+/// ([`named_roles_sql`]). In single-account mode (`multi` false) `$1` holds the one account,
+/// and every row is its.
+pub(super) fn named_sql(
+    (users_query, users): (&str, &Probed),
+    (roles_query, roles): (&str, &Probed),
+    multi: bool,
+) -> String {
+    let mut user_cols = column_arrays(users);
+    user_cols.push(format!("array_agg({})", users.row_hash()));
+    format!(
+        "SELECT a.id, u.*, r.n, r.s FROM unnest($1::text[]) AS a(id) \
+         CROSS JOIN LATERAL (SELECT {} FROM {}) AS u \
+         CROSS JOIN LATERAL (SELECT count(*) AS n, COALESCE(sum({}), 0)::text AS s FROM {}) AS r \
+         ORDER BY a.id COLLATE \"C\"",
+        user_cols.join(", "),
+        rows_of(users_query, users, multi),
+        roles.row_hash(),
+        rows_of(roles_query, roles, multi),
+    )
+}
+
+/// The role rows of the named accounts of `$1`, read as [`named_sql`] reads users (the columns
+/// [`ROLES_GROUPED`]'s decoder reads).
+pub(super) fn named_roles_sql(query: &str, probed: &Probed, multi: bool) -> String {
+    format!(
+        "SELECT a.id, x.* FROM unnest($1::text[]) AS a(id) \
+         CROSS JOIN LATERAL (SELECT {} FROM {}) AS x ORDER BY a.id COLLATE \"C\"",
+        column_arrays(probed).join(", "),
+        rows_of(query, probed, multi),
+    )
 }
 
 /// A query's columns as [`probe`] found them: positions and kinds, and the names as the query
 /// spells them.
-pub(super) struct Probed {
+#[derive(Debug, Clone)]
+pub(crate) struct Probed {
     pub(super) cols: Columns,
     pub(super) spelled: Vec<String>,
 }
@@ -447,76 +473,19 @@ fn decode_roles(row: &PgRow) -> Result<Group<Vec<SourceRole>>, sqlx::Error> {
     Ok((account, rows))
 }
 
-/// What a delta read ([`delta_sql`]) sends of one account: every row's hash, and the rows it
-/// did not know, each with its hash.
-#[derive(Debug)]
-pub(crate) struct Delta<T> {
-    pub(crate) all: Vec<i64>,
-    pub(crate) sent: Vec<(i64, T)>,
+/// What a read of named accounts ([`named_sql`]) learns of one account: its users, and its
+/// role rows' count and hash sum.
+#[derive(Debug, Default)]
+pub(crate) struct Named {
+    pub(crate) users: Vec<SourceUser>,
+    pub(crate) roles: (i64, String),
 }
 
-impl<T> Default for Delta<T> {
-    fn default() -> Self {
-        Self {
-            all: Vec::new(),
-            sent: Vec::new(),
-        }
-    }
-}
-
-/// Every element of an array column that must hold no NULL.
-fn hashes(row: &PgRow, i: usize) -> Result<Vec<i64>, sqlx::Error> {
-    int8s(row, i)?
-        .into_iter()
-        .map(|h| {
-            h.ok_or_else(|| sqlx::Error::Decode(format!("column {i}: a NULL row hash").into()))
-        })
-        .collect()
-}
-
-/// One account's users from a delta row (see [`delta_sql`]).
-pub(super) fn decode_user_delta(row: &PgRow) -> Result<Group<Delta<SourceUser>>, sqlx::Error> {
-    let account: Option<String> = row.try_get_unchecked(0)?;
-    let all = hashes(row, 1)?;
-    let (mut names, mut phones) = (texts(row, 3)?.into_iter(), texts(row, 4)?.into_iter());
-    let mut hide = bools(row, 5)?.into_iter();
-    let sent = texts(row, 2)?
-        .into_iter()
-        .zip(hashes(row, 6)?)
-        .map(|(id, h)| {
-            let user = SourceUser {
-                id,
-                name: names.next().flatten(),
-                phone: phones.next().flatten(),
-                hide_phone: hide.next().flatten(),
-                row_hash: Some(h),
-            };
-            (h, user)
-        })
-        .collect();
-    Ok((account, Delta { all, sent }))
-}
-
-/// One account's role rows from a delta row (see [`delta_sql`]).
-pub(super) fn decode_role_delta(row: &PgRow) -> Result<Group<Delta<SourceRole>>, sqlx::Error> {
-    let account: Option<String> = row.try_get_unchecked(0)?;
-    let all = hashes(row, 1)?;
-    let (mut channels, mut roles) = (texts(row, 3)?.into_iter(), texts(row, 4)?.into_iter());
-    let mut allow = bools(row, 5)?.into_iter();
-    let sent = texts(row, 2)?
-        .into_iter()
-        .zip(hashes(row, 6)?)
-        .map(|(user_id, h)| {
-            let role = SourceRole {
-                user_id,
-                channel_id: channels.next().flatten(),
-                role: roles.next().flatten(),
-                allow_get_new_clients: allow.next().flatten(),
-            };
-            (h, role)
-        })
-        .collect();
-    Ok((account, Delta { all, sent }))
+/// One account from a row of [`named_sql`].
+pub(super) fn decode_named(row: &PgRow) -> Result<Group<Named>, sqlx::Error> {
+    let (account, users) = decode_users(row)?;
+    let roles = (row.try_get(6)?, row.try_get(7)?);
+    Ok((account, Named { users, roles }))
 }
 
 /// One account's rows: its id (None for rows without one) and the rows.
@@ -533,10 +502,10 @@ impl<T> Rows for Vec<T> {
     }
 }
 
-impl<T> Rows for Delta<T> {
-    fn append(&mut self, mut other: Self) {
-        self.all.append(&mut other.all);
-        self.sent.append(&mut other.sent);
+impl Rows for Named {
+    /// An account comes in one group.
+    fn append(&mut self, other: Self) {
+        *self = other;
     }
 }
 

@@ -1,10 +1,11 @@
-//! Reading a few named accounts (a notified cycle, `explain`): the accounts query, the users
-//! and the role rows of those accounts only, filtered inside PostgreSQL by the account column
-//! in its own type (an index on it serves). Rows the daemon read before and holds in its
-//! [`RowCache`] are hashed by PostgreSQL but not sent; an account whose fingerprint, computed
-//! from those hashes, is that of its last clean cycle is skipped.
+//! Reading a few named accounts (a notified cycle, `explain`): the accounts query, then one
+//! statement for the users and the role fingerprint of those accounts only, each account read
+//! by its account column in its own type (an index on it serves). Users come with their rows'
+//! hashes; role rows are read only for the accounts whose role fingerprint differs from the
+//! rows kept in the [`RowCache`]. An account whose fingerprint is that of its last clean cycle
+//! is skipped.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
 use sqlx::PgConnection;
@@ -12,13 +13,14 @@ use sqlx::PgConnection;
 use super::accounts::read_accounts;
 use super::cache::RowCache;
 use super::columns::{
-    ACCOUNTS_SHAPE, Delta, Group, GroupReader, Grouping, ROLES_GROUPED, USERS_GROUPED,
-    account_filter, decode_role_delta, decode_user_delta, delta_sql, ids_for, probe,
+    ACCOUNTS_SHAPE, Group, GroupReader, Named, Probed, QueryShape, ROLES_GROUPED, ROLES_SHAPE,
+    USERS_GROUPED, USERS_SHAPE, account_filter, decode_named, ids_for, named_roles_sql, named_sql,
+    probe,
 };
 use super::snapshot::{Handover, RowCounts};
 use super::{AccountRows, ReadSummary, SkipUnchanged, SourceAccount, SourceError, crm_query};
 use crate::config::Settings;
-use crate::domain::{SourceRole, SourceUser};
+use crate::domain::SourceRole;
 
 /// Reads the `wanted` accounts in one REPEATABLE READ READ ONLY transaction on `a` (its
 /// results are small: one session serves, and no snapshot is exported). In single-account mode
@@ -42,7 +44,7 @@ pub(super) async fn read_wanted(
             .into_iter()
             .filter(|a| wanted.contains(&a.account_id))
             .collect(),
-        None => wanted_accounts(a, settings, wanted, &mut summary).await?,
+        None => wanted_accounts(a, settings, wanted, cache, &mut summary).await?,
     };
     let mut accounts: BTreeMap<String, SourceAccount> = accounts
         .into_iter()
@@ -54,31 +56,16 @@ pub(super) async fn read_wanted(
         return Ok(summary);
     }
     let ids: Vec<String> = accounts.keys().cloned().collect();
-    let (known_users, known_roles) = lock(cache).known(ids.iter().map(String::as_str));
-    let q = &settings.source;
-    let users = delta_read(a, &q.users_query, &USERS_DELTA, multi, &ids, known_users).await?;
-    let roles = delta_read(a, &q.roles_query, &ROLES_DELTA, multi, &ids, known_roles).await?;
-    let (mut users, mut roles) = (users.into_iter().peekable(), roles.into_iter().peekable());
+    let (read, mut roles) = read_named(a, settings, multi, &ids, cache).await?;
     let mut stop = false;
-    loop {
-        // Both lists are ordered by account; an account missing from one has no such rows.
-        let key = match (users.peek(), roles.peek()) {
-            (None, None) => break,
-            (Some((u, _)), None) => u.clone(),
-            (None, Some((r, _))) => r.clone(),
-            (Some((u, _)), Some((r, _))) => u.clone().min(r.clone()),
+    for (key, named) in read {
+        let Some(account) = key.and_then(|k| accounts.remove(&k)) else {
+            continue;
         };
-        let (u, r) = (take(&mut users, &key), take(&mut roles, &key));
-        let account = match (multi, &key) {
-            (true, Some(k)) => accounts.remove(k),
-            (false, _) => accounts.pop_first().map(|(_, a)| a),
-            (true, None) => None,
-        };
-        if let Some(account) = account {
-            stop = !hand_over(account, u, r, skip, cache, handover, &mut summary).await;
-            if stop {
-                break;
-            }
+        let roles = roles.remove(&account.account_id).unwrap_or_default();
+        stop = !hand_over(account, named, roles, skip, handover, &mut summary).await;
+        if stop {
+            break;
         }
     }
     // The accounts without a single row: their users may all have left.
@@ -86,55 +73,91 @@ pub(super) async fn read_wanted(
         if stop {
             break;
         }
-        let empty = (Delta::default(), Delta::default());
-        stop = !hand_over(
-            account,
-            empty.0,
-            empty.1,
-            skip,
-            cache,
-            handover,
-            &mut summary,
-        )
-        .await;
+        let none = Named {
+            users: Vec::new(),
+            roles: (0, "0".into()),
+        };
+        stop = !hand_over(account, none, Vec::new(), skip, handover, &mut summary).await;
     }
     lock(cache).trim();
     Ok(summary)
 }
 
-/// The next group of a list ordered by account, when it is `key`'s; else no rows.
-fn take<T>(
-    list: &mut std::iter::Peekable<std::vec::IntoIter<Group<Delta<T>>>>,
-    key: &Option<String>,
-) -> Delta<T> {
-    list.next_if(|(k, _)| k == key)
-        .map(|(_, d)| d)
-        .unwrap_or_default()
+/// Reads the accounts `ids`: their users and role fingerprints, then the role rows of those
+/// whose fingerprint is not the kept one (the others' come from the cache, which keeps what is
+/// read).
+async fn read_named(
+    a: &mut PgConnection,
+    settings: &Settings,
+    multi: bool,
+    ids: &[String],
+    cache: &Mutex<RowCache>,
+) -> Result<(Vec<Group<Named>>, HashMap<String, Vec<SourceRole>>), SourceError> {
+    let q = &settings.source;
+    let users = probe_kept(
+        &mut *a,
+        &q.users_query,
+        (&USERS_SHAPE, USERS_GROUPED.names),
+        multi,
+        cache,
+    )
+    .await?;
+    let roles = probe_kept(
+        &mut *a,
+        &q.roles_query,
+        (&ROLES_SHAPE, ROLES_GROUPED.names),
+        multi,
+        cache,
+    )
+    .await?;
+    let sql = named_sql((&q.users_query, &users), (&q.roles_query, &roles), multi);
+    let rows = crm_query(sql)
+        .bind(bound_ids(ids, &users, multi))
+        .fetch(&mut *a);
+    let read = groups(rows, &USERS_SHAPE, decode_named).await?;
+    let mut kept = HashMap::new();
+    let mut moved = Vec::new();
+    for (key, named) in &read {
+        let Some(id) = key else { continue };
+        match lock(cache).roles(id, &named.roles) {
+            Some(rows) => {
+                kept.insert(id.clone(), rows);
+            }
+            None => moved.push(id.clone()),
+        }
+    }
+    if !moved.is_empty() {
+        let sql = named_roles_sql(&q.roles_query, &roles, multi);
+        let rows = crm_query(sql)
+            .bind(bound_ids(&moved, &roles, multi))
+            .fetch(&mut *a);
+        for (key, rows) in groups(rows, &ROLES_SHAPE, ROLES_GROUPED.decode).await? {
+            let Some(id) = key else { continue };
+            if let Some((_, named)) = read.iter().find(|(k, _)| k.as_deref() == Some(id.as_str())) {
+                lock(cache).keep(&id, named.roles.clone(), &rows);
+            }
+            kept.insert(id, rows);
+        }
+    }
+    Ok((read, kept))
 }
 
-/// Resolves an account's rows through the cache and hands it over, or notes it as unchanged.
-/// False when the receiver is gone.
+/// Computes the account's fingerprint and hands it over, or notes it as unchanged. False when
+/// the receiver is gone.
 async fn hand_over(
     account: SourceAccount,
-    users: Delta<SourceUser>,
-    roles: Delta<SourceRole>,
+    named: Named,
+    roles: Vec<SourceRole>,
     skip: &SkipUnchanged,
-    cache: &Mutex<RowCache>,
     handover: &Handover,
     summary: &mut ReadSummary,
 ) -> bool {
-    let counts = RowCounts::of(&users.all, &roles.all);
-    let resolved = lock(cache).resolve(&account.account_id, users, roles);
-    let Ok((users, roles)) = resolved else {
-        // Two rows of different accounts with one hash: this account waits for a cycle that
-        // reads it whole (the next scheduled one; its cached rows are gone).
-        tracing::warn!(
-            account_id = %account.account_id,
-            "A notified account's rows could not be told apart by their hashes; it is synced by the next scheduled cycle"
-        );
-        return true;
-    };
-    let fingerprint = counts.print(&skip.salt, &account);
+    let Named {
+        users,
+        roles: print,
+    } = named;
+    let hashes: Vec<i64> = users.iter().filter_map(|u| u.row_hash).collect();
+    let fingerprint = RowCounts::of(&hashes, print).print(&skip.salt, &account);
     if skip.unchanged(&account, &fingerprint) {
         summary.unchanged.push((account.account_id, users.len()));
         return true;
@@ -155,42 +178,46 @@ fn lock(cache: &Mutex<RowCache>) -> std::sync::MutexGuard<'_, RowCache> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-const USERS_DELTA: Grouping<Delta<SourceUser>> = Grouping {
-    shape: USERS_GROUPED.shape,
-    names: USERS_GROUPED.names,
-    hashed: true,
-    decode: decode_user_delta,
-};
-const ROLES_DELTA: Grouping<Delta<SourceRole>> = Grouping {
-    shape: ROLES_GROUPED.shape,
-    names: ROLES_GROUPED.names,
-    hashed: true,
-    decode: decode_role_delta,
-};
-
-/// The rows of the accounts `ids` of a query, less the rows whose hash is in `known`: one
-/// group per account, in the accounts' byte order.
-async fn delta_read<T>(
+/// A query's columns, as probed before (kept in the cache) or now.
+async fn probe_kept(
     conn: &mut PgConnection,
     query: &str,
-    how: &Grouping<Delta<T>>,
+    how: (&'static QueryShape, &[&'static str]),
     multi: bool,
-    ids: &[String],
-    known: Vec<i64>,
-) -> Result<Vec<Group<Delta<T>>>, SourceError> {
-    let probed = probe(&mut *conn, query, how.shape, how.names, multi).await?;
-    let rows = crm_query(delta_sql(query, &probed, multi))
-        .bind(ids_for(ids, probed.cols.kind(0)))
-        .bind(known)
-        .fetch(conn);
-    let mut reader = GroupReader::new(rows, how.shape.name, how.decode);
-    let mut groups = Vec::new();
+    cache: &Mutex<RowCache>,
+) -> Result<Probed, SourceError> {
+    if let Some(probed) = lock(cache).probed(query) {
+        return Ok(probed);
+    }
+    let probed = probe(conn, query, how.0, how.1, multi).await?;
+    lock(cache).keep_probed(query, &probed);
+    Ok(probed)
+}
+
+/// Every group of a statement, in its order.
+async fn groups<G: super::columns::Rows>(
+    rows: futures::stream::BoxStream<'_, Result<sqlx::postgres::PgRow, sqlx::Error>>,
+    shape: &'static QueryShape,
+    decode: fn(&sqlx::postgres::PgRow) -> Result<Group<G>, sqlx::Error>,
+) -> Result<Vec<Group<G>>, SourceError> {
+    let mut reader = GroupReader::new(rows, shape.name, decode);
+    let mut out = Vec::new();
     reader.advance().await?;
     while let Some(group) = reader.head.take() {
-        groups.push(group);
+        out.push(group);
         reader.advance().await?;
     }
-    Ok(groups)
+    Ok(out)
+}
+
+/// The ids a query's account column can hold (all of them in single-account mode, where the
+/// column is not read).
+fn bound_ids(ids: &[String], probed: &Probed, multi: bool) -> Vec<String> {
+    if multi {
+        ids_for(ids, probed.cols.kind(0))
+    } else {
+        ids.to_vec()
+    }
 }
 
 /// The rows of the accounts query whose account is wanted, filtered by PostgreSQL.
@@ -198,6 +225,7 @@ async fn wanted_accounts(
     conn: &mut PgConnection,
     settings: &Settings,
     wanted: &HashSet<String>,
+    cache: &Mutex<RowCache>,
     summary: &mut ReadSummary,
 ) -> Result<Vec<SourceAccount>, SourceError> {
     let names = [
@@ -206,7 +234,7 @@ async fn wanted_accounts(
         "push_input_output_message_events_for_managers",
     ];
     let query = &settings.source.accounts_query;
-    let probed = probe(&mut *conn, query, &ACCOUNTS_SHAPE, &names, true).await?;
+    let probed = probe_kept(&mut *conn, query, (&ACCOUNTS_SHAPE, &names), true, cache).await?;
     let kind = probed.cols.kind(0);
     let ids: Vec<String> = wanted.iter().cloned().collect();
     let sql = format!(

@@ -53,6 +53,13 @@ pub fn stream_snapshot(
                     &mut a, &settings, single, &wanted, &skip, &cache, &handover,
                 )
                 .await;
+                if read.is_err() {
+                    // A query may have changed under its name: probe again next time.
+                    cache
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .forget_probes();
+                }
                 finish(vec![a], read).await
             }
             None => {
@@ -370,19 +377,23 @@ pub(super) struct RowCounts {
 impl Default for RowCounts {
     /// No rows, as PostgreSQL's `COALESCE(sum(...), 0)` says it.
     fn default() -> Self {
-        Self::of(&[], &[])
+        Self::of(&[], (0, "0".into()))
     }
 }
 
 impl RowCounts {
-    /// The counts of rows read with their hashes, as PostgreSQL would give them.
-    pub(super) fn of(users: &[i64], roles: &[i64]) -> Self {
-        let sum = |h: &[i64]| h.iter().map(|&h| i128::from(h)).sum::<i128>().to_string();
+    /// The counts of users read with their hashes (summed here as PostgreSQL sums them), and
+    /// the role rows' count and sum as PostgreSQL gave them.
+    pub(super) fn of(users: &[i64], (roles, roles_sum): (i64, String)) -> Self {
         Self {
             users: users.len() as i64,
-            users_sum: sum(users),
-            roles: roles.len() as i64,
-            roles_sum: sum(roles),
+            users_sum: users
+                .iter()
+                .map(|&h| i128::from(h))
+                .sum::<i128>()
+                .to_string(),
+            roles,
+            roles_sum,
         }
     }
 

@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgExecutor;
 use sqlx::postgres::PgPool;
+use sqlx::{PgExecutor, Row};
 
 use super::Result;
 use crate::domain::SettingsDoc;
@@ -58,7 +58,75 @@ pub async fn load_account(
     })
 }
 
-/// Records the end of an account's cycle.
+/// What a cycle reads of an account as it opens, in one round trip (see [`open_account`]).
+#[derive(Debug, Default)]
+pub struct Opening {
+    pub account: AccountState,
+    /// Users sent earlier whose answer was never recorded.
+    pub pending: std::collections::HashSet<String>,
+    /// Open dead letters, and those an operator discarded.
+    pub dead_letters: Vec<super::OpenDeadLetter>,
+}
+
+/// Opens an account's cycle in one statement: forgets its clean fingerprint (so that if the
+/// process dies mid-way and the CRM then returns to its old rows, the account is still synced),
+/// and reads its state (its last settings document only when `with_doc`), the users pending
+/// and its dead letters.
+pub async fn open_account(
+    db: impl PgExecutor<'_>,
+    account_id: &str,
+    with_doc: bool,
+) -> Result<Opening> {
+    let row = sqlx::query(
+        "WITH cleared AS (
+            UPDATE accounts SET source_fingerprint = NULL
+            WHERE account_id = $1 AND source_fingerprint IS NOT NULL
+         )
+         SELECT a.token_fingerprint, a.status, a.auth_failed_at, a.settings_hash,
+                CASE WHEN $2 THEN a.settings_doc END AS settings_doc,
+                ARRAY(SELECT user_id FROM pending_users WHERE account_id = $1) AS pending,
+                d.entity, d.record_id, d.kind, d.error_code, d.error_message, d.payload_hash,
+                d.next_attempt_at, d.resolution
+         FROM (SELECT 1) AS one
+         LEFT JOIN accounts a ON a.account_id = $1
+         CROSS JOIN LATERAL (
+            SELECT array_agg(entity) AS entity, array_agg(record_id) AS record_id,
+                   array_agg(kind) AS kind, array_agg(error_code) AS error_code,
+                   array_agg(error_message) AS error_message,
+                   array_agg(payload_hash) AS payload_hash,
+                   array_agg(next_attempt_at) AS next_attempt_at,
+                   array_agg(resolution) AS resolution
+            FROM dead_letters
+            WHERE account_id = $1 AND (resolved_at IS NULL OR resolution = 'discarded')
+         ) AS d",
+    )
+    .bind(account_id)
+    .bind(with_doc)
+    .fetch_one(db)
+    .await?;
+    let status: Option<String> = row.try_get("status")?;
+    let account = AccountState {
+        token_fingerprint: row.try_get("token_fingerprint")?,
+        auth_failed_at: match status.as_deref() {
+            Some("auth_failed") => row.try_get("auth_failed_at")?,
+            _ => None,
+        },
+        settings_hash: row.try_get("settings_hash")?,
+        settings_doc: row
+            .try_get::<Option<sqlx::types::Json<SettingsDoc>>, _>("settings_doc")?
+            .map(|d| d.0),
+    };
+    let pending: Vec<String> = row.try_get("pending")?;
+    Ok(Opening {
+        account,
+        pending: pending.into_iter().collect(),
+        dead_letters: super::dead_letters::from_columns(&row)?,
+    })
+}
+
+/// Records the end of an account's cycle. Its CRM fingerprint is kept when the cycle ended
+/// `clean` and no refusal of Wazzup's is open, so that unchanged rows next time mean nothing to
+/// do.
 pub async fn finish_account(
     db: impl PgExecutor<'_>,
     account_id: &str,
@@ -70,7 +138,11 @@ pub async fn finish_account(
     sqlx::query(
         "INSERT INTO accounts (account_id, token_fingerprint, status, last_cycle_at, last_success_at, last_error,
                                source_fingerprint)
-         VALUES ($1, $2, 'ok', now(), CASE WHEN $3 THEN now() END, $4, $5)
+         VALUES ($1, $2, 'ok', now(), CASE WHEN $3 THEN now() END, $4,
+                 CASE WHEN NOT EXISTS (
+                    SELECT 1 FROM dead_letters
+                    WHERE account_id = $1 AND resolved_at IS NULL AND kind = 'rejected'
+                 ) THEN $5 END)
          ON CONFLICT (account_id) DO UPDATE SET
             token_fingerprint = EXCLUDED.token_fingerprint,
             status = 'ok', auth_failed_at = NULL,
@@ -107,19 +179,6 @@ pub async fn load_source_fingerprints(
     .await?;
     crate::db::hand_back(conn).await;
     Ok(rows.into_iter().map(|(a, s, t)| (a, (s, t))).collect())
-}
-
-/// Forgets an account's clean fingerprint before anything is sent for it: if the process dies
-/// mid-way and the CRM then returns to its old rows, the account is still synced.
-pub async fn clear_source_fingerprint(db: impl PgExecutor<'_>, account_id: &str) -> Result<()> {
-    sqlx::query(
-        "UPDATE accounts SET source_fingerprint = NULL
-         WHERE account_id = $1 AND source_fingerprint IS NOT NULL",
-    )
-    .bind(account_id)
-    .execute(db)
-    .await?;
-    Ok(())
 }
 
 /// Records a cycle for accounts skipped because nothing changed, in one statement.

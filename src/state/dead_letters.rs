@@ -21,6 +21,12 @@ pub enum DeadLetterKind {
 }
 
 impl DeadLetterKind {
+    fn parse(s: &str) -> Option<Self> {
+        [DeadLetterKind::Invalid, DeadLetterKind::Rejected]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterKind::Invalid => "invalid",
@@ -47,6 +53,18 @@ pub enum Resolution {
 }
 
 impl Resolution {
+    fn parse(s: &str) -> Option<Self> {
+        [
+            Resolution::Synced,
+            Resolution::Gone,
+            Resolution::Fixed,
+            Resolution::Returned,
+            Resolution::Discarded,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Resolution::Synced => "synced",
@@ -59,13 +77,20 @@ impl Resolution {
 }
 
 /// Open dead letters per account, for every account the state knows (0 included).
-pub async fn open_dead_letter_counts(pool: &PgPool) -> Result<Vec<(String, i64)>> {
+pub async fn open_dead_letter_counts(
+    pool: &PgPool,
+    only: Option<&std::collections::HashSet<String>>,
+) -> Result<Vec<(String, i64)>> {
+    let only: Option<Vec<&str>> = only.map(|o| o.iter().map(String::as_str).collect());
     sqlx::query_as(
         "SELECT a.account_id, count(d.id) FROM (
-             SELECT account_id FROM accounts UNION SELECT account_id FROM dead_letters
+             SELECT account_id FROM accounts WHERE $1::text[] IS NULL
+             UNION SELECT account_id FROM dead_letters WHERE $1::text[] IS NULL
+             UNION SELECT unnest($1::text[])
          ) AS a LEFT JOIN dead_letters d ON d.account_id = a.account_id AND d.resolved_at IS NULL
          GROUP BY a.account_id ORDER BY a.account_id",
     )
+    .bind(only)
     .fetch_all(pool)
     .await
     .map_err(Into::into)
@@ -106,16 +131,55 @@ pub async fn open_dead_letters(
     .map_err(Into::into)
 }
 
-/// Open dead letters of an account that Wazzup refused (they keep the account from ending clean).
-pub async fn count_open_refusals(db: impl PgExecutor<'_>, account_id: &str) -> Result<i64> {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM dead_letters
-         WHERE account_id = $1 AND resolved_at IS NULL AND kind = 'rejected'",
-    )
-    .bind(account_id)
-    .fetch_one(db)
-    .await
-    .map_err(Into::into)
+/// Dead letters sent as one array per column (see [`super::open_account`]): columns `entity`,
+/// `record_id`, `kind`, `error_code`, `error_message`, `payload_hash`, `next_attempt_at` and
+/// `resolution`, all NULL when there is none.
+pub(super) fn from_columns(row: &sqlx::postgres::PgRow) -> Result<Vec<OpenDeadLetter>> {
+    use sqlx::Row;
+    let texts = |c: &str| -> std::result::Result<Vec<Option<String>>, sqlx::Error> {
+        Ok(row
+            .try_get::<Option<Vec<Option<String>>>, _>(c)?
+            .unwrap_or_default())
+    };
+    let ids = texts("record_id")?;
+    let entities = texts("entity")?;
+    let kinds = texts("kind")?;
+    let codes = texts("error_code")?;
+    let messages = texts("error_message")?;
+    let hashes = texts("payload_hash")?;
+    let resolutions = texts("resolution")?;
+    let next: Vec<Option<DateTime<Utc>>> = row
+        .try_get::<Option<Vec<Option<DateTime<Utc>>>>, _>("next_attempt_at")?
+        .unwrap_or_default();
+    let bad = |what: &str| {
+        super::StateError(sqlx::Error::Protocol(format!(
+            "a dead letter's {what} is not one the daemon knows"
+        )))
+    };
+    let mut out = Vec::with_capacity(ids.len());
+    for (i, id) in ids.into_iter().enumerate() {
+        let at = |v: &Vec<Option<String>>| v.get(i).cloned().flatten();
+        out.push(OpenDeadLetter {
+            entity: at(&entities)
+                .as_deref()
+                .and_then(Entity::parse)
+                .ok_or_else(|| bad("entity"))?,
+            record_id: id.unwrap_or_default(),
+            kind: at(&kinds)
+                .as_deref()
+                .and_then(DeadLetterKind::parse)
+                .ok_or_else(|| bad("kind"))?,
+            error_code: at(&codes).unwrap_or_default(),
+            error_message: at(&messages).unwrap_or_default(),
+            payload_hash: at(&hashes),
+            next_attempt_at: next.get(i).copied().flatten(),
+            resolution: match at(&resolutions) {
+                Some(r) => Some(Resolution::parse(&r).ok_or_else(|| bad("resolution"))?),
+                None => None,
+            },
+        });
+    }
+    Ok(out)
 }
 
 /// Writes local rejections (kind `invalid`), one open row per record, in one statement.

@@ -3,8 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use sqlx::PgExecutor;
 use sqlx::postgres::PgPool;
+use sqlx::{PgExecutor, Row};
 
 use super::Result;
 use crate::db::arrays::{bools, int8s, texts};
@@ -94,7 +94,7 @@ pub async fn load_mirror_and_phones(
     db: impl PgExecutor<'_>,
     account_id: &str,
 ) -> Result<(Mirror, RememberedUsers)> {
-    let rows = fetch_remembered(db, account_id).await?;
+    let rows = fetch_remembered(db, account_id, ALL).await?.rows;
     let mut mirror = Mirror::with_capacity_and_hasher(rows.len(), Default::default());
     let mut cache = RememberedUsers::with_capacity_and_hasher(rows.len(), Default::default());
     for (id, hash, remembered) in rows {
@@ -107,30 +107,54 @@ pub async fn load_mirror_and_phones(
 /// What the mirror remembers of an account's users, for normalization to reuse (a dry run's
 /// view, which may come before the state schema exists).
 pub async fn load_remembered(pool: &PgPool, account_id: &str) -> Result<RememberedUsers> {
-    let rows = fetch_remembered(pool, account_id).await;
+    let rows = fetch_remembered(pool, account_id, ALL)
+        .await
+        .map(|written| vec![written]);
     Ok(not_migrated_yet(rows)?
         .into_iter()
+        .flat_map(|w| w.rows)
         .map(|(id, _, remembered)| (id, remembered))
         .collect())
 }
 
-/// The account's mirror rows, sent by PostgreSQL as one row of columns (one array per column):
-/// a thousand users cost one row to receive and decode instead of a thousand. Each is its user
-/// id, its acknowledged hash and what normalization may reuse; a row is only remembered whole
-/// (name, flag and source hash all known).
-async fn fetch_remembered(
+/// `since` that asks for every row.
+pub(super) const ALL: i64 = -1;
+
+/// An account's mirror rows written after a point (see [`fetch_remembered`]).
+pub(super) struct Written {
+    /// Rows the account's mirror holds now, in all.
+    pub count: i64,
+    /// The number of the latest write to any of them: where the next read starts.
+    pub latest: i64,
+    /// The rows written after the point asked for: user id, acknowledged hash, what
+    /// normalization may reuse.
+    pub rows: Vec<(CrmText, String, Remembered)>,
+}
+
+/// The account's mirror rows written after `since` (every row with [`ALL`]), sent by
+/// PostgreSQL as one row of columns (one array per column): a thousand users cost one row to
+/// receive and decode instead of a thousand. Each is its user id, its acknowledged hash and what
+/// normalization may reuse; a row is only remembered whole (name, flag and source hash all
+/// known). With them, how many rows the account holds and its latest write.
+pub(super) async fn fetch_remembered(
     db: impl PgExecutor<'_>,
     account_id: &str,
-) -> std::result::Result<Vec<(CrmText, String, Remembered)>, sqlx::Error> {
+    since: i64,
+) -> std::result::Result<Written, sqlx::Error> {
     let row = sqlx::query(
-        "SELECT array_agg(user_id), array_agg(hash), array_agg(phone_source), array_agg(phone),
-                array_agg(phone_valid), array_agg(source_hash), array_agg(name),
-                array_agg(hide_phone)
-         FROM mirror_users WHERE account_id = $1",
+        "SELECT array_agg(user_id) FILTER (WHERE w > $2), array_agg(hash) FILTER (WHERE w > $2),
+                array_agg(phone_source) FILTER (WHERE w > $2), array_agg(phone) FILTER (WHERE w > $2),
+                array_agg(phone_valid) FILTER (WHERE w > $2),
+                array_agg(source_hash) FILTER (WHERE w > $2), array_agg(name) FILTER (WHERE w > $2),
+                array_agg(hide_phone) FILTER (WHERE w > $2), count(*), coalesce(max(w), 0)
+         FROM (SELECT *, coalesce(written, 0) AS w FROM mirror_users WHERE account_id = $1) AS m",
     )
     .bind(account_id)
+    .bind(since)
     .fetch_one(db)
     .await?;
+    let count: i64 = row.try_get(8)?;
+    let latest: i64 = row.try_get(9)?;
     let [ids, sources, phones, names] = [0, 2, 3, 6].map(|i| texts::<CrmText>(&row, i));
     let hashes = texts::<String>(&row, 1);
     let (valid, source_hashes, hide) = (bools(&row, 4)?, int8s(&row, 5)?, bools(&row, 7)?);
@@ -185,7 +209,11 @@ async fn fetch_remembered(
         let phone = source.map(|s| (s, phone, valid.unwrap_or(false)));
         rows.push((id, hash, Remembered { phone, row }));
     }
-    Ok(rows)
+    Ok(Written {
+        count,
+        latest,
+        rows,
+    })
 }
 
 /// Records users Wazzup acknowledged, in one statement.
@@ -204,7 +232,8 @@ pub async fn upsert_mirror(pool: &PgPool, account_id: &str, users: &[&ValidUser]
         users_table!(),
         " ON CONFLICT (account_id, user_id) DO UPDATE SET hash = EXCLUDED.hash, synced_at = now(),
             phone_source = EXCLUDED.phone_source, phone = EXCLUDED.phone, phone_valid = EXCLUDED.phone_valid,
-            name = EXCLUDED.name, source_hash = EXCLUDED.source_hash, hide_phone = EXCLUDED.hide_phone"
+            name = EXCLUDED.name, source_hash = EXCLUDED.source_hash, hide_phone = EXCLUDED.hide_phone,
+            written = DEFAULT"
     ));
     bind_users(query.bind(account_id), users)
         .execute(pool)
@@ -226,7 +255,7 @@ pub async fn remember_rows(
     }
     let query = sqlx::query(concat!(
         "UPDATE mirror_users m SET source_hash = u.source_hash, name = u.name, hide_phone = u.hide,
-                phone_source = u.source, phone = u.phone, phone_valid = u.valid
+                phone_source = u.source, phone = u.phone, phone_valid = u.valid, written = DEFAULT
          FROM ",
         users_table!(),
         " WHERE m.account_id = $1 AND m.user_id = u.id AND m.hash = u.hash"

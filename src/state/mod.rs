@@ -17,11 +17,13 @@ pub mod accounts;
 pub mod dead_letters;
 pub mod locks;
 pub mod mirror;
+pub mod mirror_cache;
 
 pub use accounts::*;
 pub use dead_letters::*;
 pub use locks::*;
 pub use mirror::*;
+pub use mirror_cache::{MIRROR_CACHE_USERS, MirrorCache, load_mirror_kept};
 
 /// A state database operation failed; the cause is said once, in a line.
 #[derive(Debug, thiserror::Error)]

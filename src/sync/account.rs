@@ -7,7 +7,7 @@ use sqlx::pool::PoolConnection;
 use wazzup_api::{Account, RequestStats};
 
 use super::report::{AccountOutcome, AccountReport};
-use super::{CycleOptions, Engine, Stop};
+use super::{CycleOptions, Engine, Stop, Trigger};
 use wazzup_api::fold_code;
 
 use super::phones::PhoneBook;
@@ -73,8 +73,12 @@ impl Engine {
             // The state reads that open the cycle share one session: each query handed back to
             // the pool would cost a round trip of its own.
             let mut session = self.state.acquire().await?;
-            let (mirror, mut phones) =
-                state::load_mirror_and_phones(&mut *session, &account.account_id).await?;
+            let id = account.account_id.as_str();
+            let (mirror, mut phones) = if opts.trigger == Trigger::Notify {
+                state::load_mirror_kept(&mut session, id, &self.mirror_cache).await?
+            } else {
+                state::load_mirror_and_phones(&mut *session, id).await?
+            };
             let norm = normalize_account(&users, &roles, &self.normalize, &mut phones);
             drop((users, roles));
             let unremembered = unremembered_rows(&norm, &mirror, &phones);
@@ -116,15 +120,16 @@ impl Engine {
         let token = token_fingerprint(&account.token);
         // The last document keeps refused users' roles, and is compared in a reconcile.
         let with_doc = opts.reconcile || !norm.rejected_user_ids.is_empty();
-        let mut last = state::load_account(&mut *session, id, with_doc).await?;
+        let opening = state::open_account(&mut *session, id, with_doc).await?;
+        crate::db::hand_back(session).await;
+        let state::Opening {
+            account: mut last,
+            dead_letters: open,
+            mut pending,
+        } = opening;
         if let Some(skipped) = self.cooling_down(&last, &token) {
-            crate::db::hand_back(session).await;
             return Ok(skipped);
         }
-        state::clear_source_fingerprint(&mut *session, id).await?;
-        let open = state::open_dead_letters(&mut *session, id).await?;
-        let mut pending = state::load_pending(&mut *session, id).await?;
-        crate::db::hand_back(session).await;
         let job = Job {
             account,
             api,
@@ -303,13 +308,12 @@ impl Engine {
             }
         };
         let mut session = self.state.acquire().await?;
-        let open_rejected = state::count_open_refusals(&mut *session, id).await?;
+        // Refusals still open keep it from ending clean too (the statement checks them).
         let clean = outcome == AccountOutcome::Completed
             && report.deferred == 0
             && report.waiting == 0
             && report.deletes_blocked.is_none()
-            && report.rejected_remotely == 0
-            && open_rejected == 0;
+            && report.rejected_remotely == 0;
         state::finish_account(
             &mut *session,
             id,

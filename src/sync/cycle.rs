@@ -144,7 +144,8 @@ impl Engine {
         };
         log_cycle(&report, opts.dry_run, opts.only_accounts.is_some());
         if !opts.dry_run {
-            self.export_dead_letter_gauges().await;
+            self.export_dead_letter_gauges(opts.only_accounts.as_ref())
+                .await;
         }
         Ok(report)
     }

@@ -53,6 +53,9 @@ pub struct Engine {
     /// The CRM rows of the accounts notifications named, so that the next notification for
     /// one of them makes PostgreSQL send only the rows that changed.
     row_cache: Arc<std::sync::Mutex<source::RowCache>>,
+    /// The mirrors of the accounts notifications named, brought up to date each cycle with
+    /// the rows written since.
+    mirror_cache: Arc<std::sync::Mutex<state::MirrorCache>>,
 }
 
 /// Why pushing stopped early for an account.
@@ -85,6 +88,7 @@ impl Engine {
             shutdown,
             locks: Arc::new(tokio::sync::Mutex::new(None)),
             row_cache: Arc::default(),
+            mirror_cache: Arc::default(),
         })
     }
 
@@ -185,10 +189,14 @@ impl Engine {
         }
     }
 
-    /// Sets `wazzup_sync_open_dead_letters` for every account the state knows, from the table:
-    /// accounts skipped as unchanged, and those whose last dead letter closed, are exported too.
-    pub async fn export_dead_letter_gauges(&self) {
-        match state::open_dead_letter_counts(&self.state).await {
+    /// Sets `wazzup_sync_open_dead_letters` for every account the state knows (or only these),
+    /// from the table: accounts skipped as unchanged, and those whose last dead letter closed,
+    /// are exported too.
+    pub async fn export_dead_letter_gauges(
+        &self,
+        only: Option<&std::collections::HashSet<String>>,
+    ) {
+        match state::open_dead_letter_counts(&self.state, only).await {
             Ok(counts) => {
                 for (account_id, n) in counts {
                     metrics::gauge!("wazzup_sync_open_dead_letters", "account_id" => account_id)

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use sqlx::postgres::PgPool;
 use sqlx::{AssertSqlSafe, Executor};
+use std::io::Write;
+
 use tokio::io::AsyncBufReadExt;
 use wazzup_sim::Simulator;
 
@@ -44,6 +46,8 @@ struct RateResult {
     crm_cpu: Duration,
     state_cpu: Duration,
     server_cpu: Duration,
+    /// The daemon's peak resident memory so far.
+    peak_rss_kib: u64,
 }
 
 /// Runs the phase and returns its Markdown section.
@@ -168,6 +172,7 @@ async fn run_phase(
             crm_cpu: cpu.crm,
             state_cpu: cpu.state,
             server_cpu: cpu.server,
+            peak_rss_kib: peak_rss(daemon.pid),
         });
         // A quiet moment between rates, so that one rate's backlog is not the next one's.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -179,8 +184,8 @@ async fn run_phase(
 fn report(setup: &LagSetup<'_>, results: &[RateResult]) -> String {
     let mut t = format!(
         "Lag under load ({} accounts x {} users, `run` with LISTEN, NOTIFY payload: {}, {} s per rate; CPU per minute of the window from the first edit to the last landing):\n\n\
-         | edits/s | achieved | edits | lost | p50 | p99 | max | cycles/min | daemon CPU/min | CRM sessions CPU/min | state sessions CPU/min | whole server CPU/min |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | edits/s | achieved | edits | lost | p50 | p99 | max | cycles/min | daemon CPU/min | CRM sessions CPU/min | state sessions CPU/min | whole server CPU/min | daemon peak RSS |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         setup.accounts,
         setup.users,
         if setup.payload == "all" {
@@ -193,7 +198,7 @@ fn report(setup: &LagSetup<'_>, results: &[RateResult]) -> String {
     for r in results {
         let per_min = |d: Duration| d.as_secs_f64() * 60.0 / r.window.as_secs_f64().max(1e-3);
         t.push_str(&format!(
-            "| {} | {:.0} | {} | {} | {:.2} s | {:.2} s | {:.2} s | {:.0} | {:.1} s | {:.1} s | {:.1} s | {:.1} s |\n",
+            "| {} | {:.0} | {} | {} | {:.2} s | {:.2} s | {:.2} s | {:.0} | {:.1} s | {:.1} s | {:.1} s | {:.1} s | {:.1} MiB |\n",
             r.rate,
             r.achieved,
             r.edits,
@@ -206,6 +211,7 @@ fn report(setup: &LagSetup<'_>, results: &[RateResult]) -> String {
             per_min(r.crm_cpu),
             per_min(r.state_cpu),
             per_min(r.server_cpu),
+            r.peak_rss_kib as f64 / 1024.0,
         ));
     }
     t.push('\n');
@@ -326,9 +332,15 @@ impl Daemon {
         // The log goes to stderr.
         let out = child.stderr.take().expect("piped stderr");
         let counter = cycles.clone();
+        // WAZZUP_BENCH_LOG=FILE keeps the daemon's log, for profiling.
+        let mut keep =
+            std::env::var_os("WAZZUP_BENCH_LOG").and_then(|f| std::fs::File::create(f).ok());
         tokio::spawn(async move {
             let mut lines = tokio::io::BufReader::new(out).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(f) = keep.as_mut() {
+                    let _ = writeln!(f, "{line}");
+                }
                 if line.contains("\"Cycle finished\"") {
                     counter.fetch_add(1, Ordering::Relaxed);
                 } else if line.contains("\"level\":\"ERROR\"") {
@@ -362,6 +374,18 @@ impl Daemon {
             .status();
         let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
     }
+}
+
+/// A process's peak resident memory so far (VmHWM), KiB.
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// User + system CPU of a process so far (/proc/PID/stat, fields 14 and 15).
