@@ -26,12 +26,22 @@ pub struct ConfigError(pub String);
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// This process's name in the history (empty: host name and pid; see [`Settings::instance`]).
+    pub instance: String,
     pub source: SourceSettings,
     pub state: StateSettings,
     pub wazzup: WazzupSettings,
     pub sync: SyncSettings,
+    pub history: HistorySettings,
     pub http: HttpSettings,
     pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySettings {
+    /// Days history rows are kept; 0: for ever.
+    pub retention_days: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -300,6 +310,21 @@ impl Settings {
         self.wazzup_base_url()
             .map(|u| u.scheme() == "http" && !is_loopback(&u))
             .unwrap_or(false)
+    }
+
+    /// This process's name in the history: `instance`, or `host:pid`.
+    pub fn instance(&self) -> String {
+        let set = self.instance.trim();
+        if !set.is_empty() {
+            return set.to_string();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "unknown-host".into());
+        format!("{host}:{}", std::process::id())
     }
 
     /// The single-account token, when single-account mode is on.

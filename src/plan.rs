@@ -167,7 +167,8 @@ pub struct LastPushed {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PlanRecord {
     pub account_id: String,
-    pub user_id: String,
+    /// None for a change of the whole account (its push flag).
+    pub user_id: Option<String>,
     #[serde(flatten)]
     pub change: Change,
     /// Set only on changes that give a user more access than before.
@@ -190,11 +191,6 @@ impl Access {
         }
     }
 
-    /// True when `self` opens more than `before`: a wider role or new clients turned on.
-    fn widens(self, before: Access) -> bool {
-        reach(self.role) > reach(before.role)
-            || (self.allow_get_new_clients && !before.allow_get_new_clients)
-    }
 }
 
 /// A field's value before and after; phones masked.
@@ -204,40 +200,55 @@ pub struct FieldChange {
     pub to: Option<String>,
 }
 
-/// What changes, by kind of record.
+/// What changes, by kind of record. The names (the `action` of `plan --detail`) are those of
+/// the history's rows (`changes.action`); `delete_held` and `unreadable_phone` only plan.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Change {
-    Create {
+    UserCreated {
         name: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         phone: Option<String>,
     },
-    Update {
+    UserUpdated {
         changes: BTreeMap<&'static str, FieldChange>,
     },
-    Delete,
+    UserDeleted,
     /// A deletion the mass-deletion guard holds back.
     DeleteHeld,
-    RoleAdded {
+    RoleGranted {
         channel_id: String,
         #[serde(flatten)]
         access: Access,
     },
+    /// The role on a channel changes (and perhaps whether new clients come).
     RoleChanged {
         channel_id: String,
         from: Access,
         to: Access,
     },
-    RoleRemoved {
+    /// Only "receives new clients" turns on, or off, on a channel.
+    NewClientsOn {
+        channel_id: String,
+        from: Access,
+        to: Access,
+    },
+    NewClientsOff {
+        channel_id: String,
+        from: Access,
+        to: Access,
+    },
+    RoleRevoked {
         channel_id: String,
         #[serde(flatten)]
         access: Access,
     },
-    /// The user's phone numbers of contacts become hidden (`true`) or shown (`false`).
-    HidePhoneNumbers {
-        hidden: bool,
-    },
+    /// The user's contacts' phone numbers become hidden, or shown.
+    PhoneHidden,
+    PhoneShown,
+    /// The account's supervisors start, or stop, receiving notifications from every chat.
+    PushForManagersOn,
+    PushForManagersOff,
     /// The CRM's phone could not be read: the user is sent without one.
     UnreadablePhone {
         phone: String,
@@ -249,6 +260,65 @@ pub enum Change {
         code: &'static str,
         reason: String,
     },
+}
+
+impl Change {
+    /// The record's action, as `plan --detail` and the history name it.
+    pub fn action(&self) -> &'static str {
+        match self {
+            Change::UserCreated { .. } => "user_created",
+            Change::UserUpdated { .. } => "user_updated",
+            Change::UserDeleted => "user_deleted",
+            Change::DeleteHeld => "delete_held",
+            Change::RoleGranted { .. } => "role_granted",
+            Change::RoleChanged { .. } => "role_changed",
+            Change::NewClientsOn { .. } => "new_clients_on",
+            Change::NewClientsOff { .. } => "new_clients_off",
+            Change::RoleRevoked { .. } => "role_revoked",
+            Change::PhoneHidden => "phone_hidden",
+            Change::PhoneShown => "phone_shown",
+            Change::PushForManagersOn => "push_for_managers_on",
+            Change::PushForManagersOff => "push_for_managers_off",
+            Change::UnreadablePhone { .. } => "unreadable_phone",
+            Change::Refused { .. } => "refused",
+        }
+    }
+}
+
+/// True when a role row going from `before` to `after` (None: no row) gives more access: a
+/// manager or auditor row added, a wider role, or new clients turned on. The rule of
+/// `plan --detail`, of `changes.widens_access` (which [`widening_sql`] states in SQL), and of
+/// what `sync.hold_widening` holds.
+pub fn widens(before: Option<Access>, after: Option<Access>) -> bool {
+    match (before, after) {
+        (None, Some(a)) => reach(a.role) > reach(Role::Seller),
+        (Some(b), Some(a)) => {
+            reach(a.role) > reach(b.role) || (a.allow_get_new_clients && !b.allow_get_new_clients)
+        }
+        _ => false,
+    }
+}
+
+/// [`widens`] as an SQL expression over a role row before (`{b}_role`, `{b}_new`; NULL role:
+/// no row) and after (`{a}_role`, `{a}_new`), with each role's reach taken from [`reach`].
+pub fn widening_sql(b: &str, a: &str) -> String {
+    let reach_of = |col: String| {
+        format!(
+            "(CASE {col} WHEN 'seller' THEN {} WHEN 'auditor' THEN {} WHEN 'manager' THEN {} END)",
+            reach(Role::Seller),
+            reach(Role::Auditor),
+            reach(Role::Manager)
+        )
+    };
+    format!(
+        "(CASE WHEN {a}_role IS NULL THEN false \
+              WHEN {b}_role IS NULL THEN {} > {} \
+              ELSE {} > {} OR ({a}_new AND NOT {b}_new) END)",
+        reach_of(format!("{a}_role")),
+        reach(Role::Seller),
+        reach_of(format!("{a}_role")),
+        reach_of(format!("{b}_role")),
+    )
 }
 
 /// The settings document and users a dry run compares against.
@@ -265,13 +335,13 @@ pub struct DetailInput<'a> {
 pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
     let record = |user_id: &str, change: Change, widens_access: bool| PlanRecord {
         account_id: input.account_id.to_string(),
-        user_id: user_id.to_string(),
+        user_id: Some(user_id.to_string()),
         change,
         widens_access,
     };
     let mut out = Vec::new();
     for u in &input.plan.creates {
-        let change = Change::Create {
+        let change = Change::UserCreated {
             name: u.payload.name.to_string(),
             phone: u.payload.phone.as_deref().map(mask_phone),
         };
@@ -302,10 +372,10 @@ pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
                 },
             );
         }
-        out.push(record(&u.payload.id, Change::Update { changes }, false));
+        out.push(record(&u.payload.id, Change::UserUpdated { changes }, false));
     }
     for id in &input.plan.deletes {
-        out.push(record(id, Change::Delete, false));
+        out.push(record(id, Change::UserDeleted, false));
     }
     for id in &input.plan.held_deletes {
         out.push(record(id, Change::DeleteHeld, false));
@@ -313,7 +383,12 @@ pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
     out.extend(
         role_changes(input.previous_doc, input.next_doc)
             .into_iter()
-            .map(|(user_id, change, widens)| record(&user_id, change, widens)),
+            .map(|(user_id, change, widens_access)| PlanRecord {
+                account_id: input.account_id.to_string(),
+                user_id,
+                change,
+                widens_access,
+            }),
     );
     for u in &input.norm.users {
         if let Some(phone) = &u.unreadable_phone {
@@ -336,9 +411,13 @@ pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
     out
 }
 
-/// Role rows added, changed and removed between two settings documents, and the users whose
-/// contacts' phones become hidden or shown: (user id, change, widens access).
-fn role_changes(before: Option<&SettingsDoc>, after: &SettingsDoc) -> Vec<(String, Change, bool)> {
+/// Role rows granted, changed and revoked between two settings documents, the users whose
+/// contacts' phones become hidden or shown, and the account's push flag: (user id, change,
+/// widens access); the push flag's change has no user.
+fn role_changes(
+    before: Option<&SettingsDoc>,
+    after: &SettingsDoc,
+) -> Vec<(Option<String>, Change, bool)> {
     let index = |doc: Option<&SettingsDoc>| -> BTreeMap<(String, String), Access> {
         doc.map(|d| {
             d.user_roles
@@ -357,33 +436,39 @@ fn role_changes(before: Option<&SettingsDoc>, after: &SettingsDoc) -> Vec<(Strin
     let mut out = Vec::new();
     for ((user_id, channel_id), access) in &new {
         let key = (user_id.clone(), channel_id.clone());
-        match old.get(&key) {
-            None => {
-                let widens = matches!(access.role, Role::Manager | Role::Auditor);
-                let change = Change::RoleAdded {
-                    channel_id: channel_id.clone(),
-                    access: *access,
-                };
-                out.push((user_id.clone(), change, widens));
-            }
-            Some(prev) if prev != access => {
-                let change = Change::RoleChanged {
-                    channel_id: channel_id.clone(),
-                    from: *prev,
-                    to: *access,
-                };
-                out.push((user_id.clone(), change, access.widens(*prev)));
-            }
-            Some(_) => {}
-        }
+        let prev = old.get(&key).copied();
+        let channel_id = channel_id.clone();
+        let change = match prev {
+            None => Change::RoleGranted {
+                channel_id,
+                access: *access,
+            },
+            Some(from) if from == *access => continue,
+            Some(from) if from.role != access.role => Change::RoleChanged {
+                channel_id,
+                from,
+                to: *access,
+            },
+            Some(from) if access.allow_get_new_clients => Change::NewClientsOn {
+                channel_id,
+                from,
+                to: *access,
+            },
+            Some(from) => Change::NewClientsOff {
+                channel_id,
+                from,
+                to: *access,
+            },
+        };
+        out.push((Some(user_id.clone()), change, widens(prev, Some(*access))));
     }
     for ((user_id, channel_id), access) in &old {
         if !new.contains_key(&(user_id.clone(), channel_id.clone())) {
-            let change = Change::RoleRemoved {
+            let change = Change::RoleRevoked {
                 channel_id: channel_id.clone(),
                 access: *access,
             };
-            out.push((user_id.clone(), change, false));
+            out.push((Some(user_id.clone()), change, false));
         }
     }
     let hidden = |doc: Option<&SettingsDoc>| -> HashSet<String> {
@@ -398,7 +483,21 @@ fn role_changes(before: Option<&SettingsDoc>, after: &SettingsDoc) -> Vec<(Strin
         .collect();
     flips.sort();
     for (user_id, hidden) in flips {
-        out.push((user_id, Change::HidePhoneNumbers { hidden }, false));
+        let change = if hidden {
+            Change::PhoneHidden
+        } else {
+            Change::PhoneShown
+        };
+        out.push((Some(user_id), change, false));
+    }
+    let push_was = before.is_some_and(|d| d.push_input_output_message_events_for_managers);
+    if before.is_some() && push_was != after.push_input_output_message_events_for_managers {
+        let change = if push_was {
+            Change::PushForManagersOff
+        } else {
+            Change::PushForManagersOn
+        };
+        out.push((None, change, false));
     }
     out
 }
@@ -580,12 +679,12 @@ mod tests {
         let widening: Vec<String> = role_changes(Some(&before), &after)
             .into_iter()
             .filter(|(_, _, w)| *w)
-            .map(|(u, _, _)| u)
+            .filter_map(|(u, _, _)| u)
             .collect();
         assert_eq!(widening, ["a2m", "new-a", "new-m", "on", "s2a", "s2m"]);
         let all: Vec<String> = role_changes(Some(&before), &after)
             .into_iter()
-            .map(|(u, _, _)| u)
+            .filter_map(|(u, _, _)| u)
             .collect();
         assert!(all.contains(&"gone".to_string()) && all.contains(&"m2s".to_string()));
         assert!(!all.contains(&"same".to_string()));
@@ -641,9 +740,9 @@ mod tests {
         assert_eq!(
             actions,
             [
-                ("2", "create"),
-                ("3", "update"),
-                ("9", "delete"),
+                ("2", "user_created"),
+                ("3", "user_updated"),
+                ("9", "user_deleted"),
                 ("2", "unreadable_phone")
             ]
         );

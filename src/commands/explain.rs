@@ -193,7 +193,7 @@ async fn explain(
         next_cycle: report
             .records
             .into_iter()
-            .filter(|r| r.user_id == *user)
+            .filter(|r| r.user_id.as_deref() == Some(user.as_str()))
             .filter(|r| {
                 !matches!(
                     r.change,
@@ -568,15 +568,15 @@ fn print_next(e: &Explanation, out: &mut impl Write) -> std::io::Result<()> {
     }
     for r in &e.next_cycle {
         let what = match &r.change {
-            Change::Create { .. } => "create the user".to_string(),
-            Change::Update { changes } => format!(
+            Change::UserCreated { .. } => "create the user".to_string(),
+            Change::UserUpdated { changes } => format!(
                 "update {}",
                 changes.keys().copied().collect::<Vec<_>>().join(", ")
             ),
-            Change::Delete => "delete the user".into(),
+            Change::UserDeleted => "delete the user".into(),
             Change::DeleteHeld => "delete, held back by the mass-deletion guard".into(),
-            Change::RoleAdded { channel_id, access } => {
-                format!("add role {} on {channel_id}", access.role.as_str())
+            Change::RoleGranted { channel_id, access } => {
+                format!("grant role {} on {channel_id}", access.role.as_str())
             }
             Change::RoleChanged {
                 channel_id,
@@ -589,11 +589,18 @@ fn print_next(e: &Explanation, out: &mut impl Write) -> std::io::Result<()> {
                     to.role.as_str()
                 )
             }
-            Change::RoleRemoved { channel_id, .. } => format!("remove the role on {channel_id}"),
-            Change::HidePhoneNumbers { hidden } => format!(
-                "contacts' phones {}",
-                if *hidden { "hidden" } else { "shown" }
-            ),
+            Change::NewClientsOn { channel_id, .. } => {
+                format!("new clients on {channel_id}: on")
+            }
+            Change::NewClientsOff { channel_id, .. } => {
+                format!("new clients on {channel_id}: off")
+            }
+            Change::RoleRevoked { channel_id, .. } => format!("revoke the role on {channel_id}"),
+            Change::PhoneHidden => "contacts' phones hidden".into(),
+            Change::PhoneShown => "contacts' phones shown".into(),
+            Change::PushForManagersOn | Change::PushForManagersOff => {
+                "the account's push setting".into()
+            }
             Change::UnreadablePhone { .. } => "send without a phone (unreadable)".into(),
             Change::Refused { code, .. } => format!("nothing: refused ({code})"),
         };

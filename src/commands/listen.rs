@@ -104,8 +104,10 @@ pub(super) async fn check_listen(engine: &Engine) -> Result<(), String> {
 
 /// Keeps a LISTEN session open and passes every notification's payload (an account id) on.
 /// A session that cannot be opened, or that hears nothing (a transaction pooler), is an error
-/// said at growing intervals and fails readiness; a session lost and reopened triggers a cycle
-/// for every account, since notifications may have been missed in between.
+/// said at growing intervals and fails readiness. Each time LISTEN starts hearing (at start-up
+/// too, where the first cycle may have read the CRM before LISTEN was up) and each time a lost
+/// session is reopened, a cycle for every account follows, since a change committed in between
+/// sent a notification nobody heard.
 pub(super) async fn listen_forever(
     engine: Engine,
     pool: sqlx::PgPool,
@@ -126,6 +128,9 @@ pub(super) async fn listen_forever(
         };
         health.listen_failed(None);
         delay = Duration::from_secs(1);
+        if tx.send(String::new()).is_err() {
+            return;
+        }
         loop {
             match listener.try_recv().await {
                 Ok(Some(n)) if n.payload().starts_with(PROBE_PREFIX) => {}

@@ -87,7 +87,7 @@ fn print_records(records: &[PlanRecord], out: &mut impl Write) -> std::io::Resul
             out,
             "{:<16} {:<20} {:<16} {detail}{mark}",
             crate::domain::clip(&r.account_id),
-            crate::domain::clip(&r.user_id),
+            crate::domain::clip(r.user_id.as_deref().unwrap_or("(account)")),
             action
         )?;
     }
@@ -111,50 +111,65 @@ fn describe_change(c: &Change) -> (&'static str, String) {
         None => "(none)".to_string(),
     };
     match c {
-        Change::Create { name, phone } => (
-            "create",
+        Change::UserCreated { name, phone } => (
+            "user created",
             match phone {
                 Some(p) => format!("name {name:?}, phone {p}"),
                 None => format!("name {name:?}, no phone"),
             },
         ),
-        Change::Update { changes } => (
-            "update",
+        Change::UserUpdated { changes } => (
+            "user updated",
             changes
                 .iter()
                 .map(|(field, ch)| format!("{field}: {} -> {}", value(&ch.from), value(&ch.to)))
                 .collect::<Vec<_>>()
                 .join(", "),
         ),
-        Change::Delete => ("delete", String::new()),
+        Change::UserDeleted => ("user deleted", String::new()),
         Change::DeleteHeld => ("delete held", "held back by the mass-deletion guard".into()),
-        Change::RoleAdded {
+        Change::RoleGranted {
             channel_id,
             access: a,
-        } => ("role added", format!("channel {channel_id}: {}", access(a))),
+        } => ("role granted", format!("channel {channel_id}: {}", access(a))),
         Change::RoleChanged {
             channel_id,
             from,
             to,
+        }
+        | Change::NewClientsOn {
+            channel_id,
+            from,
+            to,
+        }
+        | Change::NewClientsOff {
+            channel_id,
+            from,
+            to,
         } => (
-            "role changed",
+            match c {
+                Change::RoleChanged { .. } => "role changed",
+                Change::NewClientsOn { .. } => "new clients on",
+                _ => "new clients off",
+            },
             format!("channel {channel_id}: {} -> {}", access(from), access(to)),
         ),
-        Change::RoleRemoved {
+        Change::RoleRevoked {
             channel_id,
             access: a,
         } => (
-            "role removed",
+            "role revoked",
             format!("channel {channel_id}: {}", access(a)),
         ),
-        Change::HidePhoneNumbers { hidden } => (
-            "phones hidden",
-            if *hidden {
-                "contacts' phones hidden"
-            } else {
-                "contacts' phones shown"
-            }
-            .into(),
+        Change::PhoneHidden => ("phones hidden", "contacts' phones hidden".into()),
+        Change::PhoneShown => ("phones shown", "contacts' phones shown".into()),
+        Change::PushForManagersOn => (
+            "push on",
+            "supervisors notified of every chat".into(),
+        ),
+        Change::PushForManagersOff => (
+            "push off",
+            "supervisors notified of their own chats only".into(),
         ),
         Change::UnreadablePhone { phone } => (
             "phone unreadable",

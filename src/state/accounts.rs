@@ -220,20 +220,85 @@ pub async fn mark_auth_failed(
     Ok(())
 }
 
+/// Records the settings document Wazzup acknowledged, with a history row per role row granted,
+/// changed or revoked, per user whose contacts' phones became hidden or shown, and for the push
+/// flag, in one statement. The rows compare the document with `previous` (the document as
+/// found in Wazzup, after drift) or else with the one last acknowledged; `widens_access` follows
+/// [`crate::plan::widens`]. Returns how many rows of each action were written.
 pub async fn save_settings(
     pool: &PgPool,
     account_id: &str,
-    doc_json: &str,
-    hash: &str,
-) -> Result<()> {
-    sqlx::query(
-        "INSERT INTO accounts (account_id, settings_hash, settings_doc) VALUES ($1, $2, $3::jsonb)
-         ON CONFLICT (account_id) DO UPDATE SET settings_hash = $2, settings_doc = $3::jsonb",
-    )
-    .bind(account_id)
-    .bind(hash)
-    .bind(doc_json)
-    .execute(pool)
-    .await?;
-    Ok(())
+    (doc_json, hash): (&str, &str),
+    previous: Option<&str>,
+    (cycle, cause): (Option<i64>, super::Cause),
+) -> Result<Vec<(String, i64)>> {
+    let sql = format!(
+        "WITH prev AS (
+            SELECT COALESCE($4::jsonb, (SELECT settings_doc FROM accounts WHERE account_id = $1)) AS d
+         ), n AS (
+            SELECT r->>'user_id' AS u, r->>'channel_id' AS c, r->>'role' AS n_role,
+                   (r->>'allow_get_new_clients')::bool AS n_new
+            FROM jsonb_array_elements($3::jsonb->'user_roles') AS r
+         ), o AS (
+            SELECT r->>'user_id' AS u, r->>'channel_id' AS c, r->>'role' AS o_role,
+                   (r->>'allow_get_new_clients')::bool AS o_new
+            FROM prev, jsonb_array_elements(prev.d->'user_roles') AS r
+         ), roles AS (
+            SELECT COALESCE(n.u, o.u) AS u, COALESCE(n.c, o.c) AS c, o.o_role, o.o_new, n.n_role, n.n_new
+            FROM n FULL JOIN o ON o.u = n.u AND o.c = n.c
+            WHERE o.o_role IS DISTINCT FROM n.n_role OR o.o_new IS DISTINCT FROM n.n_new
+         ), hidden AS (
+            SELECT h AS u, true AS now FROM jsonb_array_elements_text($3::jsonb->'hide_phone_numbers_for_user_ids') AS h
+            EXCEPT SELECT h, true FROM prev, jsonb_array_elements_text(prev.d->'hide_phone_numbers_for_user_ids') AS h
+            UNION ALL
+            (SELECT h, false FROM prev, jsonb_array_elements_text(prev.d->'hide_phone_numbers_for_user_ids') AS h
+             EXCEPT SELECT h, false FROM jsonb_array_elements_text($3::jsonb->'hide_phone_numbers_for_user_ids') AS h)
+         ), rows AS (
+            SELECT u, c,
+                   CASE WHEN o_role IS NULL THEN 'role_granted' WHEN n_role IS NULL THEN 'role_revoked'
+                        WHEN o_role <> n_role THEN 'role_changed'
+                        WHEN n_new THEN 'new_clients_on' ELSE 'new_clients_off' END AS action,
+                   CASE WHEN o_role IS NOT NULL
+                        THEN jsonb_build_object('role', o_role, 'allow_get_new_clients', o_new) END AS before,
+                   CASE WHEN n_role IS NOT NULL
+                        THEN jsonb_build_object('role', n_role, 'allow_get_new_clients', n_new) END AS after,
+                   {widens} AS widens
+            FROM roles
+            UNION ALL
+            SELECT u, NULL, CASE WHEN now THEN 'phone_hidden' ELSE 'phone_shown' END,
+                   jsonb_build_object('hidden', NOT now), jsonb_build_object('hidden', now), false
+            FROM hidden
+            UNION ALL
+            SELECT NULL, NULL,
+                   CASE WHEN ($3::jsonb->>'push_input_output_message_events_for_managers')::bool
+                        THEN 'push_for_managers_on' ELSE 'push_for_managers_off' END,
+                   jsonb_build_object('push', prev.d->'push_input_output_message_events_for_managers'),
+                   jsonb_build_object('push', $3::jsonb->'push_input_output_message_events_for_managers'),
+                   false
+            FROM prev
+            WHERE prev.d IS NOT NULL
+              AND prev.d->'push_input_output_message_events_for_managers'
+                  IS DISTINCT FROM $3::jsonb->'push_input_output_message_events_for_managers'
+         ), h AS (
+            INSERT INTO changes (cycle_id, account_id, user_id, channel_id, action, before, after,
+                                 widens_access, cause)
+            SELECT $5, $1, u, c, action, before, after, widens, $6 FROM rows
+            RETURNING action
+         ), saved AS (
+            INSERT INTO accounts (account_id, settings_hash, settings_doc) VALUES ($1, $2, $3::jsonb)
+            ON CONFLICT (account_id) DO UPDATE SET settings_hash = $2, settings_doc = $3::jsonb
+         )
+         SELECT action, count(*) FROM h GROUP BY action",
+        widens = crate::plan::widening_sql("o", "n"),
+    );
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(account_id)
+        .bind(hash)
+        .bind(doc_json)
+        .bind(previous)
+        .bind(cycle)
+        .bind(cause.as_str())
+        .fetch_all(pool)
+        .await
+        .map_err(Into::into)
 }

@@ -182,14 +182,16 @@ pub(super) fn from_columns(row: &sqlx::postgres::PgRow) -> Result<Vec<OpenDeadLe
     Ok(out)
 }
 
-/// Writes local rejections (kind `invalid`), one open row per record, in one statement.
+/// Writes local rejections (kind `invalid`), one open row per record, in one statement, with a
+/// `refused` history row for each dead letter it opens.
 pub async fn record_invalid(
     pool: &PgPool,
     account_id: &str,
     rejections: &[&Rejection],
-) -> Result<()> {
+    record: &super::Record,
+) -> Result<u64> {
     if rejections.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let entities: Vec<&str> = rejections.iter().map(|r| r.entity.as_str()).collect();
     let ids: Vec<&str> = rejections.iter().map(|r| r.record_id.as_str()).collect();
@@ -197,27 +199,42 @@ pub async fn record_invalid(
     let messages: Vec<&str> = rejections.iter().map(|r| r.message.as_str()).collect();
     let payloads: Vec<serde_json::Value> = rejections.iter().map(|r| r.payload.clone()).collect();
     let hashes: Vec<String> = rejections.iter().map(|r| invalid_hash(r)).collect();
-    sqlx::query(
-        "INSERT INTO dead_letters (account_id, entity, record_id, kind, error_code, error_message, payload, payload_hash)
-         SELECT $1, r.entity, r.record_id, 'invalid', r.code, r.message, r.payload, r.hash
-         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
-              AS r(entity, record_id, code, message, payload, hash)
-         ON CONFLICT (account_id, entity, record_id) WHERE resolved_at IS NULL DO UPDATE SET
-            kind = 'invalid', error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message,
-            http_status = NULL, payload = EXCLUDED.payload, payload_hash = EXCLUDED.payload_hash,
-            attempts = dead_letters.attempts + 1, last_failed_at = now(), next_attempt_at = NULL",
-    )
-    .bind(account_id)
-    .bind(entities)
-    .bind(ids)
-    .bind(codes)
-    .bind(messages)
-    .bind(payloads)
-    .bind(hashes)
-    .execute(pool)
-    .await?;
-    Ok(())
+    let sql = format!(
+        "WITH d AS (
+            INSERT INTO dead_letters (account_id, entity, record_id, kind, error_code, error_message, payload, payload_hash)
+            SELECT $1, r.entity, r.record_id, 'invalid', r.code, r.message, r.payload, r.hash
+            FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
+                 AS r(entity, record_id, code, message, payload, hash)
+            ON CONFLICT (account_id, entity, record_id) WHERE resolved_at IS NULL DO UPDATE SET
+               kind = 'invalid', error_code = EXCLUDED.error_code, error_message = EXCLUDED.error_message,
+               http_status = NULL, payload = EXCLUDED.payload, payload_hash = EXCLUDED.payload_hash,
+               attempts = dead_letters.attempts + 1, last_failed_at = now(), next_attempt_at = NULL
+            RETURNING entity, record_id, error_code, error_message, xmax = 0 AS opened
+         ), h AS ({})
+         SELECT count(*) FILTER (WHERE opened) FROM d",
+        super::history::dead_letter_rows("d", "d.opened", REFUSED, ("$8", "$9"))
+    );
+    let opened: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(account_id)
+        .bind(entities)
+        .bind(ids)
+        .bind(codes)
+        .bind(messages)
+        .bind(payloads)
+        .bind(hashes)
+        .bind(record.cycle)
+        .bind(record.cause.as_str())
+        .fetch_one(pool)
+        .await?;
+    Ok(opened as u64)
 }
+
+/// A `refused` history row: the record's entity, its code and reason.
+const REFUSED: (&str, &str, &str) = (
+    "'refused'",
+    "NULL",
+    "jsonb_build_object('entity', d.entity, 'code', d.error_code, 'reason', d.error_message)",
+);
 
 /// A stable hash of a local rejection: its row and its reason; unchanged ones are not rewritten.
 pub fn invalid_hash(r: &Rejection) -> String {
@@ -242,9 +259,10 @@ pub async fn record_rejected(
     pool: &PgPool,
     account_id: &str,
     rejections: &[RemoteRejection],
-) -> Result<()> {
+    record: &super::Record,
+) -> Result<u64> {
     if rejections.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     let entities: Vec<&str> = rejections.iter().map(|r| r.entity.as_str()).collect();
     let ids: Vec<&str> = rejections.iter().map(|r| r.record_id.as_str()).collect();
@@ -256,11 +274,11 @@ pub async fn record_rejected(
         .collect();
     let payloads: Vec<serde_json::Value> = rejections.iter().map(|r| r.payload.clone()).collect();
     let hashes: Vec<&str> = rejections.iter().map(|r| r.payload_hash.as_str()).collect();
-    sqlx::query(
+    let sql = format!(
         "WITH r AS (
             SELECT * FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::int[], $7::jsonb[], $8::text[])
                 AS r(entity, record_id, code, message, status, payload, hash)
-         )
+         ), w AS (
          INSERT INTO dead_letters AS d (account_id, entity, record_id, kind, error_code, error_message,
                                         http_status, payload, payload_hash, next_attempt_at)
          SELECT $1, r.entity, r.record_id, 'rejected', r.code, r.message, r.status, r.payload, r.hash,
@@ -278,19 +296,26 @@ pub async fn record_rejected(
                 WHEN d.attempts = 1 THEN interval '5 minutes'
                 WHEN d.attempts = 2 THEN interval '30 minutes'
                 WHEN d.attempts = 3 THEN interval '2 hours'
-                ELSE interval '1 day' END",
-    )
-    .bind(account_id)
-    .bind(entities)
-    .bind(ids)
-    .bind(codes)
-    .bind(messages)
-    .bind(statuses)
-    .bind(payloads)
-    .bind(hashes)
-    .execute(pool)
-    .await?;
-    Ok(())
+                ELSE interval '1 day' END
+         RETURNING d.entity, d.record_id, d.error_code, d.error_message, d.xmax = 0 AS opened
+         ), h AS ({})
+         SELECT count(*) FILTER (WHERE opened) FROM w",
+        super::history::dead_letter_rows("w", "d.opened", REFUSED, ("$9", "$10"))
+    );
+    let opened: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(account_id)
+        .bind(entities)
+        .bind(ids)
+        .bind(codes)
+        .bind(messages)
+        .bind(statuses)
+        .bind(payloads)
+        .bind(hashes)
+        .bind(record.cycle)
+        .bind(record.cause.as_str())
+        .fetch_one(pool)
+        .await?;
+    Ok(opened as u64)
 }
 
 /// Closes open dead letters: the record synced, was fixed, or left the CRM.
@@ -300,22 +325,38 @@ pub async fn resolve(
     entity: Entity,
     record_ids: &[String],
     resolution: Resolution,
+    record: &super::Record,
 ) -> Result<u64> {
     if record_ids.is_empty() {
         return Ok(0);
     }
-    let done = sqlx::query(
-        "UPDATE dead_letters SET resolved_at = now(), resolution = $4
-         WHERE account_id = $1 AND entity = $2 AND record_id = ANY($3) AND resolved_at IS NULL",
-    )
-    .bind(account_id)
-    .bind(entity)
-    .bind(record_ids)
-    .bind(resolution)
-    .execute(pool)
-    .await?;
-    Ok(done.rows_affected())
+    let sql = format!(
+        "WITH c AS (
+            UPDATE dead_letters SET resolved_at = now(), resolution = $4
+            WHERE account_id = $1 AND entity = $2 AND record_id = ANY($3) AND resolved_at IS NULL
+            RETURNING entity, record_id, error_code, error_message, resolution
+         ), h AS ({})
+         SELECT count(*) FROM c",
+        super::history::dead_letter_rows("c", "true", CLOSED, ("$5", "$6"))
+    );
+    let closed: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .bind(account_id)
+        .bind(entity)
+        .bind(record_ids)
+        .bind(resolution)
+        .bind(record.cycle)
+        .bind(record.cause.as_str())
+        .fetch_one(pool)
+        .await?;
+    Ok(closed as u64)
 }
+
+/// A `refusal_closed` history row: the refusal's entity and code, and how it closed.
+const CLOSED: (&str, &str, &str) = (
+    "'refusal_closed'",
+    "jsonb_build_object('entity', d.entity, 'code', d.error_code)",
+    "jsonb_build_object('resolution', d.resolution)",
+);
 
 /// One dead letter as an operator reads it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -389,13 +430,29 @@ pub async fn retry_dead_letters(pool: &PgPool, sel: &Selection) -> Result<Vec<St
 /// is not sent again and an invalid row is not reported again until the CRM changes it; a
 /// refused deletion is not tried again while the user stays out of the CRM.
 pub async fn discard_dead_letters(pool: &PgPool, sel: &Selection) -> Result<u64> {
-    let done = sqlx::query(
-        "UPDATE dead_letters SET resolved_at = now(), resolution = 'discarded'
-         WHERE resolved_at IS NULL AND ($1::text IS NULL OR account_id = $1) AND ($2::bigint IS NULL OR id = $2)",
+    // Each closed dead letter is a history row of its own account, made by hand.
+    let closed: i64 = sqlx::query_scalar(
+        "WITH c AS (
+            UPDATE dead_letters SET resolved_at = now(), resolution = 'discarded'
+            WHERE resolved_at IS NULL AND ($1::text IS NULL OR account_id = $1) AND ($2::bigint IS NULL OR id = $2)
+            RETURNING account_id, entity, record_id, error_code
+         ), h AS (
+            INSERT INTO changes (account_id, user_id, channel_id, action, before, after, cause)
+            SELECT c.account_id,
+                   CASE WHEN c.entity <> 'settings' THEN c.record_id
+                        WHEN c.record_id <> '(document)' THEN regexp_replace(c.record_id, '/[^/]*$', '')
+                   END,
+                   CASE WHEN c.entity = 'settings' AND c.record_id <> '(document)'
+                        THEN substring(c.record_id from '[^/]*$') END,
+                   'refusal_closed', jsonb_build_object('entity', c.entity, 'code', c.error_code),
+                   jsonb_build_object('resolution', 'discarded'), 'manual'
+            FROM c
+         )
+         SELECT count(*) FROM c",
     )
     .bind(&sel.account)
     .bind(sel.id)
-    .execute(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(done.rows_affected())
+    Ok(closed as u64)
 }

@@ -216,26 +216,76 @@ pub(super) async fn fetch_remembered(
     })
 }
 
-/// Records users Wazzup acknowledged, in one statement.
-pub async fn upsert_mirror(pool: &PgPool, account_id: &str, users: &[&ValidUser]) -> Result<()> {
-    if users.is_empty() {
+/// What the history shows of a user: its name as sent and its phone masked as the logs mask it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shown {
+    pub name: Option<String>,
+    pub phone: Option<String>,
+}
+
+/// A user Wazzup acknowledged, and what its history row says: created or updated (with what
+/// Wazzup held before), and why.
+#[derive(Debug, Clone)]
+pub struct Landed<'u> {
+    pub user: &'u ValidUser,
+    /// None for a user Wazzup did not hold (created).
+    pub before: Option<Shown>,
+    pub cause: super::Cause,
+}
+
+/// Records users Wazzup acknowledged, and their history rows (`user_created` or
+/// `user_updated`), in one statement.
+pub async fn upsert_mirror(
+    pool: &PgPool,
+    account_id: &str,
+    landed: &[Landed<'_>],
+    cycle: Option<i64>,
+) -> Result<()> {
+    if landed.is_empty() {
         return Ok(());
     }
+    let users: Vec<&ValidUser> = landed.iter().map(|l| l.user).collect();
     let query = sqlx::query(concat!(
         "WITH done AS (
             DELETE FROM pending_users WHERE account_id = $1 AND user_id = ANY($2)
+         ), u AS (
+            SELECT * FROM ",
+        users_table!(),
+        " ), h AS (
+            INSERT INTO changes (cycle_id, account_id, user_id, action, before, after, cause)
+            SELECT $10, $1, u.id,
+                   CASE WHEN b.known THEN 'user_updated' ELSE 'user_created' END,
+                   CASE WHEN b.known
+                        THEN jsonb_strip_nulls(jsonb_build_object('name', b.name, 'phone', b.phone)) END,
+                   jsonb_strip_nulls(jsonb_build_object('name', u.name, 'phone', b.shown_phone)),
+                   b.cause
+            FROM u JOIN UNNEST($2::text[], $11::bool[], $12::text[], $13::text[], $14::text[], $15::text[])
+                        AS b(id, known, name, phone, shown_phone, cause) ON b.id = u.id
          )
          INSERT INTO mirror_users (account_id, user_id, hash, synced_at, phone_source, phone, phone_valid,
                                    name, source_hash, hide_phone)
          SELECT $1, u.id, u.hash, now(), u.source, u.phone, u.valid, u.name, u.source_hash, u.hide
-         FROM ",
-        users_table!(),
-        " ON CONFLICT (account_id, user_id) DO UPDATE SET hash = EXCLUDED.hash, synced_at = now(),
+         FROM u
+         ON CONFLICT (account_id, user_id) DO UPDATE SET hash = EXCLUDED.hash, synced_at = now(),
             phone_source = EXCLUDED.phone_source, phone = EXCLUDED.phone, phone_valid = EXCLUDED.phone_valid,
             name = EXCLUDED.name, source_hash = EXCLUDED.source_hash, hide_phone = EXCLUDED.hide_phone,
             written = DEFAULT"
     ));
-    bind_users(query.bind(account_id), users)
+    let before = |f: fn(&Shown) -> Option<&str>| -> Vec<Option<&str>> {
+        landed.iter().map(|l| l.before.as_ref().and_then(f)).collect()
+    };
+    bind_users(query.bind(account_id), &users)
+        .bind(cycle)
+        .bind(landed.iter().map(|l| l.before.is_some()).collect::<Vec<bool>>())
+        .bind(before(|s| s.name.as_deref()))
+        .bind(before(|s| s.phone.as_deref()))
+        .bind(
+            users
+                .iter()
+                .map(|u| u.payload.phone.as_deref().map(crate::domain::mask_phone))
+                .collect::<Vec<Option<String>>>(),
+        )
+        .bind(landed.iter().map(|l| l.cause.as_str()).collect::<Vec<&str>>())
         .execute(pool)
         .await?;
     Ok(())
@@ -290,19 +340,46 @@ fn bind_users<'q>(
         .bind(users.iter().map(|u| u.hide_phone).collect::<Vec<bool>>())
 }
 
-/// Forgets users Wazzup acknowledged deleting.
-pub async fn delete_mirror(pool: &PgPool, account_id: &str, ids: &[String]) -> Result<()> {
+/// Forgets users: those Wazzup acknowledged deleting, with a `user_deleted` history row each
+/// (what Wazzup held, and why, in `gone`), or, without `gone`, users the mirror must stop
+/// counting on (drift repair, a send never recorded).
+pub async fn delete_mirror(
+    pool: &PgPool,
+    account_id: &str,
+    ids: &[String],
+    gone: Option<(Option<i64>, super::Cause, &[Shown])>,
+) -> Result<()> {
     if ids.is_empty() {
         return Ok(());
     }
+    let (cycle, cause, shown) = match gone {
+        Some((cycle, cause, shown)) => (cycle, Some(cause.as_str()), shown),
+        None => (None, None, &[][..]),
+    };
+    let field = |f: fn(&Shown) -> Option<&str>| -> Vec<Option<&str>> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, _)| shown.get(i).and_then(f))
+            .collect()
+    };
     sqlx::query(
         "WITH done AS (
             DELETE FROM pending_users WHERE account_id = $1 AND user_id = ANY($2)
+         ), h AS (
+            INSERT INTO changes (cycle_id, account_id, user_id, action, before, cause)
+            SELECT $3, $1, g.id, 'user_deleted',
+                   jsonb_strip_nulls(jsonb_build_object('name', g.name, 'phone', g.phone)), $4
+            FROM UNNEST($2::text[], $5::text[], $6::text[]) AS g(id, name, phone)
+            WHERE $4::text IS NOT NULL
          )
          DELETE FROM mirror_users WHERE account_id = $1 AND user_id = ANY($2)",
     )
     .bind(account_id)
     .bind(ids)
+    .bind(cycle)
+    .bind(cause)
+    .bind(field(|s| s.name.as_deref()))
+    .bind(field(|s| s.phone.as_deref()))
     .execute(pool)
     .await?;
     Ok(())

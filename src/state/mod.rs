@@ -15,12 +15,14 @@ use crate::config::Settings;
 
 pub mod accounts;
 pub mod dead_letters;
+pub mod history;
 pub mod locks;
 pub mod mirror;
 pub mod mirror_cache;
 
 pub use accounts::*;
 pub use dead_letters::*;
+pub use history::{Cause, Record};
 pub use locks::*;
 pub use mirror::*;
 pub use mirror_cache::{MIRROR_CACHE_USERS, MirrorCache, load_mirror_kept};

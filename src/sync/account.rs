@@ -12,7 +12,7 @@ use wazzup_api::fold_code;
 
 use super::phones::PhoneBook;
 use crate::domain::{
-    Entity, Mirror, Normalized, RememberedUsers, SourceRole, SourceUser, ValidUser,
+    CrmText, Entity, Mirror, Normalized, RememberedUsers, SourceRole, SourceUser, ValidUser,
     normalize_account, token_fingerprint,
 };
 use crate::plan::{self, DeleteGuard, UserPlan};
@@ -31,7 +31,23 @@ pub(super) struct Job<'a> {
     pub open: Vec<OpenDeadLetter>,
     /// Of those, the records Wazzup refused that are not due again.
     pub waiting: plan::Waiting,
-    /// Who holds each phone in Wazzup, when a user sent this cycle brings a phone.
+    /// What Wazzup held of the users whose CRM rows changed or who left, and who holds each
+    /// phone.
+    pub previous: Previous,
+    /// The cycle the account's history rows belong to, and the cause of its changes.
+    pub record: state::Record,
+    /// Users drift repair made the mirror forget (a reconcile): pushed again as repairs.
+    pub drifted: foldhash::HashSet<String>,
+    /// Wazzup's settings document when it drifted from the one last acknowledged (JSON).
+    pub settings_found: Option<String>,
+}
+
+/// What the mirror remembered of the users whose CRM rows changed (or who left the CRM): what
+/// Wazzup held of each, for the history, and, when a user sent this cycle brings a phone, who
+/// holds each phone.
+#[derive(Debug, Default)]
+pub(super) struct Previous {
+    pub shown: foldhash::HashMap<CrmText, state::Shown>,
     pub phones: Option<PhoneBook>,
 }
 
@@ -45,6 +61,26 @@ impl Job<'_> {
         self.open
             .iter()
             .filter(move |d| d.is_open() && d.entity == entity)
+    }
+
+    /// Why a record's change is made: a drift repair, a refusal sent again (by hand in a
+    /// `dead-letters retry --now` cycle), or the cycle's own cause.
+    pub fn cause_of(&self, entity: Entity, record_id: &str) -> state::Cause {
+        if entity == Entity::User && self.drifted.contains(record_id) {
+            return state::Cause::DriftRepair;
+        }
+        let refused = self.open_of(entity).any(|d| {
+            d.kind == DeadLetterKind::Rejected && d.record_id == record_id
+        });
+        match self.record.cause {
+            state::Cause::CrmChange if refused => state::Cause::Retry,
+            cause => cause,
+        }
+    }
+
+    /// What Wazzup held of a user, for its history row (None when unknown).
+    pub fn shown(&self, user_id: &str) -> state::Shown {
+        self.previous.shown.get(user_id).cloned().unwrap_or_default()
     }
 }
 
@@ -84,13 +120,13 @@ impl Engine {
             let unremembered = unremembered_rows(&norm, &mirror, &phones);
             state::remember_rows(&mut *session, &account.account_id, &unremembered).await?;
             drop(unremembered);
-            let book = phone_book(&norm, &mirror, phones);
+            let previous = previous(&norm, &mirror, phones);
             self.sync_account(
                 account,
                 api,
                 source_fingerprint,
                 &norm,
-                (mirror, session, book),
+                (mirror, session, previous),
                 opts,
                 report,
             )
@@ -112,7 +148,7 @@ impl Engine {
         api: Account<'_>,
         source_fingerprint: &str,
         norm: &Normalized,
-        (mut mirror, mut session, phones): (Mirror, PoolConnection<Postgres>, Option<PhoneBook>),
+        (mut mirror, mut session, previous): (Mirror, PoolConnection<Postgres>, Previous),
         opts: &CycleOptions,
         report: &mut AccountReport,
     ) -> Result<AccountOutcome, StateError> {
@@ -130,7 +166,7 @@ impl Engine {
         if let Some(skipped) = self.cooling_down(&last, &token) {
             return Ok(skipped);
         }
-        let job = Job {
+        let mut job = Job {
             account,
             api,
             norm,
@@ -138,11 +174,21 @@ impl Engine {
             token,
             waiting: super::rejections::waiting(&open, Utc::now()),
             open,
-            phones,
+            previous,
+            record: state::Record {
+                cycle: opts.cycle_id,
+                cause: if opts.trigger == Trigger::Retry {
+                    state::Cause::Manual
+                } else {
+                    state::Cause::CrmChange
+                },
+            },
+            drifted: Default::default(),
+            settings_found: None,
         };
         self.record_local_rejections(&job, report).await?;
         if opts.reconcile
-            && let Some(outcome) = self.drift_stage(&job, &mut last, report).await?
+            && let Some(outcome) = self.drift_stage(&mut job, &mut last, report).await?
         {
             return Ok(outcome);
         }
@@ -216,14 +262,15 @@ impl Engine {
             .filter(|u| mirror.get(u.payload.id.as_str()) == Some(&u.hash))
             .map(|u| u.payload.id.to_string())
             .collect();
-        state::resolve(
+        let closed = state::resolve(
             &self.state,
             job.id(),
             Entity::User,
             &landed,
             Resolution::Synced,
-        )
-        .await?;
+            &job.record,
+        );
+        super::report::changes_recorded("refusal_closed", closed.await?);
 
         if done.stop.is_some() {
             return Ok(done.stop);
@@ -354,33 +401,45 @@ fn held_for_room<'n>(
     late
 }
 
-/// What Wazzup holds of each phone, as the mirror knows it, when a user sent this cycle brings
-/// a phone (else None, and nothing is built). `left` is what normalization did not take of
-/// what the mirror remembers: users whose row changed, and users the CRM no longer returns.
-fn phone_book(norm: &Normalized, mirror: &Mirror, left: RememberedUsers) -> Option<PhoneBook> {
+/// What the mirror remembered of the users normalization did not recognise (`left`: users
+/// whose row changed, and users the CRM no longer returns): what Wazzup held of each, and, when a
+/// user sent this cycle brings a phone, who holds each phone.
+fn previous(norm: &Normalized, mirror: &Mirror, left: RememberedUsers) -> Previous {
     let moving = norm
         .users
         .iter()
         .any(|u| u.payload.phone.is_some() && mirror.get(&u.payload.id) != Some(&u.hash));
-    if !moving {
-        return None;
-    }
-    let mut book = PhoneBook::default();
-    // A user recognised by its unchanged row holds the phone it is sent with.
-    for u in norm.users.iter().filter(|u| u.row_remembered) {
-        if let Some(p) = &u.payload.phone {
-            book.holder.insert(p.clone(), u.payload.id.clone());
+    let mut book = moving.then(PhoneBook::default);
+    if let Some(book) = book.as_mut() {
+        // A user recognised by its unchanged row holds the phone it is sent with.
+        for u in norm.users.iter().filter(|u| u.row_remembered) {
+            if let Some(p) = &u.payload.phone {
+                book.holder.insert(p.clone(), u.payload.id.clone());
+            }
         }
     }
+    let mut shown = foldhash::HashMap::with_capacity_and_hasher(left.len(), Default::default());
     for (id, remembered) in left {
-        if let Some((_, Some(digits), _)) = remembered.phone {
-            book.holder.insert(digits, id.clone());
+        let digits = remembered.phone.and_then(|(_, digits, _)| digits);
+        let name = remembered.row.map(|r| r.name);
+        if let Some(book) = book.as_mut() {
+            if let Some(d) = &digits {
+                book.holder.insert(d.clone(), id.clone());
+            }
+            if let Some(n) = &name {
+                book.leaver_name.insert(id.clone(), n.clone());
+            }
         }
-        if let Some(row) = remembered.row {
-            book.leaver_name.insert(id, row.name);
-        }
+        let show = state::Shown {
+            name: name.map(|n| n.to_string()),
+            phone: digits.as_deref().map(crate::domain::mask_phone),
+        };
+        shown.insert(id, show);
     }
-    Some(book)
+    Previous {
+        shown,
+        phones: book,
+    }
 }
 
 /// Users Wazzup holds as they are, whose CRM row the mirror does not remember (yet, or under

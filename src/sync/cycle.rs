@@ -60,6 +60,8 @@ pub struct CycleOptions {
     pub reconcile: bool,
     /// In a dry run: list every record that would change (`plan --detail`).
     pub detail: bool,
+    /// The cycle's row in `cycles` (set as the cycle starts; None in a dry run).
+    pub cycle_id: Option<i64>,
 }
 
 impl CycleOptions {
@@ -94,7 +96,33 @@ impl Engine {
     pub async fn run_cycle(&self, opts: &CycleOptions) -> Result<CycleReport, CycleError> {
         let run_id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let span = tracing::info_span!("cycle", run_id = %run_id, dry_run = opts.dry_run);
-        self.cycle(opts, run_id).instrument(span).await
+        async {
+            if opts.dry_run {
+                return self.cycle(opts, run_id).await;
+            }
+            // The cycle's row first: every history row it writes names it.
+            let trigger = opts.trigger.as_str();
+            let id = state::history::start_cycle(&self.state, &run_id, trigger, &self.instance)
+                .await?;
+            let opts = CycleOptions {
+                cycle_id: Some(id),
+                ..opts.clone()
+            };
+            let result = self.cycle(&opts, run_id).await;
+            let counts = match &result {
+                Ok(report) => report.counts(),
+                Err(_) => state::history::CycleCounts {
+                    outcome: "failed",
+                    ..Default::default()
+                },
+            };
+            if let Err(e) = state::history::finish_cycle(&self.state, id, &counts).await {
+                tracing::warn!(error = %e, cycle_id = id, "Could not record the end of the cycle");
+            }
+            result
+        }
+        .instrument(span)
+        .await
     }
 
     async fn cycle(&self, opts: &CycleOptions, run_id: String) -> Result<CycleReport, CycleError> {
@@ -142,7 +170,7 @@ impl Engine {
             duration_ms: started.elapsed().as_millis() as u64,
             records,
         };
-        log_cycle(&report, opts.dry_run, opts.only_accounts.is_some());
+        log_cycle(&report, opts);
         if !opts.dry_run {
             self.export_dead_letter_gauges(opts.only_accounts.as_ref())
                 .await;

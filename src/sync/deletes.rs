@@ -33,14 +33,25 @@ impl Engine {
             let batch = next.send;
             match self.client.delete_users(&job.api, &batch).await {
                 Ok(()) => {
-                    state::delete_mirror(&self.state, id, &batch).await?;
+                    let shown: Vec<state::Shown> = batch.iter().map(|u| job.shown(u)).collect();
+                    let cause = job.cause_of(Entity::Delete, &batch[0]);
+                    let gone = Some((job.record.cycle, cause, &shown[..]));
+                    state::delete_mirror(&self.state, id, &batch, gone).await?;
+                    super::report::changes_recorded("user_deleted", batch.len() as u64);
                     let closed: Vec<String> = batch
                         .iter()
                         .filter(|u| refused_before.contains(u.as_str()))
                         .cloned()
                         .collect();
-                    state::resolve(&self.state, id, Entity::Delete, &closed, Resolution::Synced)
-                        .await?;
+                    let closed = state::resolve(
+                        &self.state,
+                        id,
+                        Entity::Delete,
+                        &closed,
+                        Resolution::Synced,
+                        &job.record,
+                    );
+                    super::report::changes_recorded("refusal_closed", closed.await?);
                     report.deleted += batch.len();
                 }
                 Err(ApiError::Unauthorized { status }) => return Ok(Some(Stop::Auth(status))),
@@ -51,7 +62,7 @@ impl Engine {
                 Err(e) => {
                     // Deletions are never singled out by index: halved until alone.
                     if let Verdict::Refuse(refused) = queue.refused(batch, Refusal::Other, &[]) {
-                        self.delete_refused(id, &refused[0], &e, mirror, report)
+                        self.delete_refused(job, &refused[0], &e, mirror, report)
                             .await?;
                     }
                 }
@@ -63,17 +74,18 @@ impl Engine {
     /// A single user Wazzup would not delete.
     async fn delete_refused(
         &self,
-        account_id: &str,
+        job: &Job<'_>,
         user_id: &str,
         e: &ApiError,
         mirror: &Mirror,
         report: &mut AccountReport,
     ) -> Result<(), StateError> {
+        let account_id = job.id();
         let one = [user_id.to_string()];
         if !mirror.contains_key(user_id) {
             // Sent once but never recorded, and Wazzup does not want to delete it: it most
             // likely never landed. Forget it.
-            return state::delete_mirror(&self.state, account_id, &one).await;
+            return state::delete_mirror(&self.state, account_id, &one, None).await;
         }
         let ApiError::Rejected {
             status,
@@ -95,6 +107,9 @@ impl Engine {
             payload: serde_json::json!({ "user_ids": [user_id] }),
             payload_hash: content_hash(user_id.as_bytes()),
         };
-        state::record_rejected(&self.state, account_id, &[refused]).await
+        let refused = [refused];
+        let opened = state::record_rejected(&self.state, account_id, &refused, &job.record);
+        super::report::changes_recorded("refused", opened.await?);
+        Ok(())
     }
 }

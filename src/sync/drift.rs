@@ -14,8 +14,9 @@ use crate::state::{self, AccountState, StateError};
 
 /// How drift repair went.
 enum Drift {
-    /// Repaired; true when the settings drifted (they are pushed again).
-    Repaired(bool),
+    /// Repaired: the users the mirror forgot (pushed again), and Wazzup's settings document
+    /// (as JSON) when it drifted (the settings are pushed again).
+    Repaired(Vec<String>, Option<String>),
     /// Wazzup could not be read back (or pruning failed).
     Failed(ApiError),
 }
@@ -25,15 +26,17 @@ impl Engine {
     /// token was refused, or Wazzup could not be read back.
     pub(super) async fn drift_stage(
         &self,
-        job: &Job<'_>,
+        job: &mut Job<'_>,
         last: &mut AccountState,
         report: &mut AccountReport,
     ) -> Result<Option<AccountOutcome>, StateError> {
         match self.repair_drift(job, last, report).await? {
-            Drift::Repaired(settings_drifted) => {
-                if settings_drifted {
+            Drift::Repaired(forgotten, settings_found) => {
+                job.drifted = forgotten.into_iter().collect();
+                if settings_found.is_some() {
                     last.settings_hash = None;
                 }
+                job.settings_found = settings_found;
                 Ok(None)
             }
             Drift::Failed(ApiError::Unauthorized { status }) => {
@@ -88,7 +91,7 @@ impl Engine {
                 _ => {}
             }
         }
-        state::delete_mirror(&self.state, job.id(), &forget).await?;
+        state::delete_mirror(&self.state, job.id(), &forget, None).await?;
         let mut unknown: Vec<String> = remote
             .keys()
             .filter(|u| {
@@ -111,7 +114,8 @@ impl Engine {
         });
         report.drift_settings = drifted;
         log_drift(report, drifted);
-        Ok(Drift::Repaired(drifted))
+        let found = drifted.then(|| serde_json::to_string(&remote_settings).unwrap_or_default());
+        Ok(Drift::Repaired(forget, found))
     }
 
     /// Reports users Wazzup holds that the CRM does not know, and deletes them with

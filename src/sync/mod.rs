@@ -56,6 +56,8 @@ pub struct Engine {
     /// The mirrors of the accounts notifications named, brought up to date each cycle with
     /// the rows written since.
     mirror_cache: Arc<std::sync::Mutex<state::MirrorCache>>,
+    /// This process's name in the history's cycle rows.
+    pub instance: Arc<str>,
 }
 
 /// Why pushing stopped early for an account.
@@ -77,6 +79,7 @@ impl Engine {
             row_salt: 0,
         };
         normalize.row_salt = crate::domain::salt_key(&salt(&settings, &normalize));
+        let instance = settings.instance().into();
         Ok(Self {
             source: source::connect(&settings)?,
             state: state::connect(&settings)?,
@@ -89,6 +92,7 @@ impl Engine {
             locks: Arc::new(tokio::sync::Mutex::new(None)),
             row_cache: Arc::default(),
             mirror_cache: Arc::default(),
+            instance,
         })
     }
 

@@ -58,7 +58,9 @@ impl Engine {
                 "Refused a CRM record; it is not sent to Wazzup"
             );
         }
-        state::record_invalid(&self.state, job.id(), &fresh).await
+        let opened = state::record_invalid(&self.state, job.id(), &fresh, &job.record).await?;
+        super::report::changes_recorded("refused", opened);
+        Ok(())
     }
 
     /// Closes user dead letters whose record is now in Wazzup as the CRM says (`synced`) or
@@ -107,9 +109,14 @@ impl Engine {
             }
         }
         let id = job.id();
-        state::resolve(&self.state, id, Entity::User, &synced, Resolution::Synced).await?;
-        state::resolve(&self.state, id, Entity::User, &gone, Resolution::Gone).await?;
-        state::resolve(&self.state, id, Entity::Settings, &fixed, Resolution::Fixed).await?;
+        for (entity, ids, resolution) in [
+            (Entity::User, &synced, Resolution::Synced),
+            (Entity::User, &gone, Resolution::Gone),
+            (Entity::Settings, &fixed, Resolution::Fixed),
+        ] {
+            let closed = state::resolve(&self.state, id, entity, ids, resolution, &job.record);
+            super::report::changes_recorded("refusal_closed", closed.await?);
+        }
         Ok(())
     }
 
@@ -124,14 +131,15 @@ impl Engine {
             .filter(|d| crm_ids.contains(d.record_id.as_str()))
             .map(|d| d.record_id.clone())
             .collect();
-        state::resolve(
+        let closed = state::resolve(
             &self.state,
             job.id(),
             Entity::Delete,
             &returned,
             Resolution::Returned,
-        )
-        .await?;
+            &job.record,
+        );
+        super::report::changes_recorded("refusal_closed", closed.await?);
         Ok(())
     }
 }

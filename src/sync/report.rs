@@ -128,6 +128,27 @@ impl CycleReport {
 
 /// One line per account: its plan in a dry run, else its summary with every count; the
 /// records counted by outcome.
+impl CycleReport {
+    /// What the cycle's row in `cycles` says of it.
+    pub fn counts(&self) -> crate::state::history::CycleCounts {
+        let sum = |f: fn(&AccountReport) -> usize| self.accounts.iter().map(f).sum::<usize>();
+        crate::state::history::CycleCounts {
+            created: sum(|a| a.created),
+            updated: sum(|a| a.updated),
+            deleted: sum(|a| a.deleted),
+            settings_pushed: sum(|a| usize::from(a.settings_pushed)),
+            refused_locally: sum(|a| a.rejected_locally),
+            refused_by_wazzup: sum(|a| a.rejected_remotely),
+            requests: self.accounts.iter().map(|a| a.requests).sum(),
+            outcome: if self.all_ok() {
+                "completed"
+            } else {
+                "partial"
+            },
+        }
+    }
+}
+
 pub fn log_account(r: &AccountReport, dry_run: bool) {
     if dry_run {
         tracing::info!(
@@ -204,10 +225,13 @@ fn log_summary(r: &AccountReport) {
     }
 }
 
-pub fn log_cycle(c: &CycleReport, dry_run: bool, partial: bool) {
+pub fn log_cycle(c: &CycleReport, opts: &super::CycleOptions) {
+    let (dry_run, partial) = (opts.dry_run, opts.only_accounts.is_some());
     let sum = |f: fn(&AccountReport) -> usize| c.accounts.iter().map(f).sum::<usize>();
     let failed = c.accounts.iter().filter(|a| !a.outcome.is_ok()).count();
     tracing::info!(
+        trigger = opts.trigger.as_str(),
+        cycle_id = opts.cycle_id,
         accounts = c.accounts.len(),
         accounts_not_completed = failed,
         bad_account_rows = c.bad_accounts.len(),
@@ -247,5 +271,13 @@ pub fn log_cycle(c: &CycleReport, dry_run: bool, partial: bool) {
         metrics::counter!("wazzup_sync_cycles_total", "result" => if failed == 0 { "ok" } else { "partial" }).increment(1);
         metrics::histogram!("wazzup_sync_cycle_duration_seconds")
             .record(c.duration_ms as f64 / 1000.0);
+    }
+}
+
+/// Counts history rows written (`wazzup_sync_changes_recorded_total{action}`), once committed.
+pub fn changes_recorded(action: &str, n: u64) {
+    if n > 0 {
+        metrics::counter!("wazzup_sync_changes_recorded_total", "action" => action.to_string())
+            .increment(n);
     }
 }

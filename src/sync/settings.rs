@@ -55,14 +55,15 @@ impl Engine {
             .any(|d| d.record_id == SETTINGS_RECORD);
         if refused_before && (!due || report.settings_pushed) {
             let record = [SETTINGS_RECORD.to_string()];
-            state::resolve(
+            let closed = state::resolve(
                 &self.state,
                 job.id(),
                 Entity::Settings,
                 &record,
                 Resolution::Synced,
-            )
-            .await?;
+                &job.record,
+            );
+            super::report::changes_recorded("refusal_closed", closed.await?);
         }
         Ok(stop)
     }
@@ -80,7 +81,17 @@ impl Engine {
         let (status, code, description) = match sent {
             Ok(()) => {
                 let text = std::str::from_utf8(&json).expect("JSON is UTF-8");
-                state::save_settings(&self.state, job.id(), text, hash).await?;
+                let cause = match &job.settings_found {
+                    Some(_) => state::Cause::DriftRepair,
+                    None => job.cause_of(Entity::Settings, SETTINGS_RECORD),
+                };
+                let found = job.settings_found.as_deref();
+                let record = (job.record.cycle, cause);
+                let written =
+                    state::save_settings(&self.state, job.id(), (text, hash), found, record);
+                for (action, n) in written.await? {
+                    super::report::changes_recorded(&action, n as u64);
+                }
                 report.settings_pushed = true;
                 return Ok(None);
             }
@@ -109,7 +120,9 @@ impl Engine {
             payload: serde_json::to_value(doc).unwrap_or_default(),
             payload_hash: hash.to_string(),
         };
-        state::record_rejected(&self.state, job.id(), &[refused]).await?;
+        let refused = [refused];
+        let opened = state::record_rejected(&self.state, job.id(), &refused, &job.record);
+        super::report::changes_recorded("refused", opened.await?);
         Ok(None)
     }
 }

@@ -34,6 +34,9 @@ struct Push<'m, 'u> {
     real: HashMap<&'u str, &'u ValidUser>,
     /// Ids refused for good this cycle.
     refused: HashSet<String>,
+    /// Users Wazzup holds (as the mirror knew them, and as they landed since): a landing of
+    /// one of them is an update.
+    known: HashSet<String>,
     /// Creates refused because the account is full: sent again once deletes make room.
     full_refused: Vec<&'u ValidUser>,
     /// Why the records still held were refused.
@@ -72,7 +75,7 @@ impl Engine {
         warn_unreadable_phones(&due);
         let in_mirror: HashSet<&str> = plan.updates.iter().map(|u| u.payload.id.as_str()).collect();
         let leaving: HashSet<&str> = leaving.iter().map(String::as_str).collect();
-        let moves = match &job.phones {
+        let moves = match &job.previous.phones {
             Some(book) => phones::order(due.clone(), book, &leaving),
             None => PhoneMoves {
                 main: due.clone(),
@@ -86,12 +89,13 @@ impl Engine {
             first_round: false,
             real: due.iter().map(|u| (u.payload.id.as_str(), *u)).collect(),
             refused: HashSet::new(),
+            known: in_mirror.iter().map(|id| id.to_string()).collect(),
             full_refused: Vec::new(),
             held: HashMap::new(),
             limit: None,
         };
         let stop = self
-            .push_rounds(&job.api, &moves, &mut push, &in_mirror, report)
+            .push_rounds(job, &moves, &mut push, &in_mirror, report)
             .await?;
         for (uid, hash) in push.interim.iter().chain(&push.acked) {
             mirror.insert(uid.clone(), hash.clone());
@@ -120,7 +124,7 @@ impl Engine {
     /// given its phone.
     async fn push_rounds<'m, 'u: 'm>(
         &self,
-        acct: &Account<'_>,
+        job: &Job<'_>,
         moves: &'m PhoneMoves<'u>,
         push: &mut Push<'m, 'u>,
         in_mirror: &HashSet<&str>,
@@ -129,14 +133,14 @@ impl Engine {
         let released: Vec<&ValidUser> = moves.release.iter().collect();
         push.first_round = true;
         let stop = self
-            .push_round(acct, released, push, in_mirror, report)
+            .push_round(job, released, push, in_mirror, report)
             .await?;
         push.first_round = false;
         if stop.is_some() {
             return Ok(stop);
         }
         let stop = self
-            .push_round(acct, moves.main.clone(), push, in_mirror, report)
+            .push_round(job, moves.main.clone(), push, in_mirror, report)
             .await?;
         if stop.is_some() {
             return Ok(stop);
@@ -148,14 +152,14 @@ impl Engine {
             .copied()
             .filter(|u| landed.contains(u.payload.id.as_str()))
             .collect();
-        self.push_round(acct, restore, push, in_mirror, report)
+        self.push_round(job, restore, push, in_mirror, report)
             .await
     }
 
     /// One round: its users in batches, through [`Self::push_users`].
     async fn push_round<'m, 'u>(
         &self,
-        acct: &Account<'_>,
+        job: &Job<'_>,
         users: Vec<&'m ValidUser>,
         push: &mut Push<'m, 'u>,
         in_mirror: &HashSet<&str>,
@@ -168,7 +172,7 @@ impl Engine {
         if push.limit.is_some() {
             push.queue.set_full();
         }
-        self.push_users(acct, push, in_mirror, report).await
+        self.push_users(job, push, in_mirror, report).await
     }
 
     /// Sends the queue's batches, up to `sync.batches_in_flight` at once, until the queue is
@@ -177,11 +181,12 @@ impl Engine {
     /// one at a time, here, so the pending log is written before its request goes out.
     async fn push_users<'m, 'u>(
         &self,
-        acct: &Account<'_>,
+        job: &Job<'_>,
         push: &mut Push<'m, 'u>,
         in_mirror: &HashSet<&str>,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
+        let acct = &job.api;
         let mut progress = Progress::new(acct.account_id, push.queue.len());
         let is_create = |u: &&ValidUser| !in_mirror.contains(u.payload.id.as_str());
         let room = self.settings.sync.batches_in_flight.max(1);
@@ -192,8 +197,7 @@ impl Engine {
                 let Some(Next { send, full }) = push.queue.next(is_create) else {
                     break;
                 };
-                self.refuse_full(acct.account_id, &full, push, report)
-                    .await?;
+                self.refuse_full(job, &full, push, report).await?;
                 if send.is_empty() {
                     continue;
                 }
@@ -219,7 +223,7 @@ impl Engine {
                 }
                 break;
             };
-            let answered = self.answered(acct, batch, result, push, report).await?;
+            let answered = self.answered(job, batch, result, push, report).await?;
             stop = stop.or(answered);
             progress.set(push.acked.len());
         }
@@ -229,15 +233,14 @@ impl Engine {
             .into_iter()
             .filter_map(|u| push.held.remove(u.payload.id.as_str()))
             .collect();
-        self.record_refused(acct.account_id, held, push, report)
-            .await?;
+        self.record_refused(job, held, push, report).await?;
         Ok(stop)
     }
 
     /// Creates refused unsent because the account is full, with Wazzup's answer.
     async fn refuse_full<'m, 'u>(
         &self,
-        account_id: &str,
+        job: &Job<'_>,
         full: &[&'m ValidUser],
         push: &mut Push<'m, 'u>,
         report: &mut AccountReport,
@@ -251,22 +254,22 @@ impl Engine {
             .iter()
             .map(|u| user_rejection(push.real_of(u).unwrap_or(u), status, &code, &description))
             .collect();
-        self.record_refused(account_id, refused, push, report).await
+        self.record_refused(job, refused, push, report).await
     }
 
     /// Records one `POST /v2/users` answer: what landed, what was refused, or why to stop.
     async fn answered<'m, 'u>(
         &self,
-        acct: &Account<'_>,
+        job: &Job<'_>,
         batch: Vec<&'m ValidUser>,
         result: Result<Option<u64>, ApiError>,
         push: &mut Push<'m, 'u>,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
         match result {
-            Ok(processed) => match self.landed(acct, &batch, processed).await {
+            Ok(processed) => match self.landed(&job.api, &batch, processed).await {
                 Ok(landed) => {
-                    self.record_landed(acct.account_id, &landed, push).await?;
+                    self.record_landed(job, &landed, push).await?;
                     Ok(None)
                 }
                 Err(stop) => Ok(Some(stop)),
@@ -277,8 +280,7 @@ impl Engine {
             }
             Err(e) => {
                 let refused = push.refuse(batch, &e);
-                self.record_refused(acct.account_id, refused, push, report)
-                    .await?;
+                self.record_refused(job, refused, push, report).await?;
                 Ok(None)
             }
         }
@@ -334,15 +336,45 @@ impl Engine {
             .collect())
     }
 
-    /// The mirror learns what landed.
+    /// The mirror learns what landed, and the history records it: an update shows what Wazzup
+    /// held before (the user as the mirror knew it, or as it went in a first round).
     async fn record_landed(
         &self,
-        account_id: &str,
+        job: &Job<'_>,
         landed: &[&ValidUser],
         push: &mut Push<'_, '_>,
     ) -> Result<(), StateError> {
+        let interim: HashMap<&str, &str> = push
+            .interim
+            .iter()
+            .map(|(id, _)| id.as_str())
+            .filter_map(|id| push.real.get(id).map(|u| (id, u.payload.name.as_str())))
+            .collect();
+        let notes: Vec<state::Landed<'_>> = landed
+            .iter()
+            .map(|u| {
+                let id = u.payload.id.as_str();
+                let before = match interim.get(id) {
+                    Some(name) => Some(state::Shown {
+                        name: Some(name.to_string()),
+                        phone: None,
+                    }),
+                    None => push.known.contains(id).then(|| job.shown(id)),
+                };
+                state::Landed {
+                    user: u,
+                    before,
+                    cause: job.cause_of(Entity::User, id),
+                }
+            })
+            .collect();
         // Their dead letters close once, after the stage (`close_dead_letters`), from the mirror.
-        state::upsert_mirror(&self.state, account_id, landed).await?;
+        state::upsert_mirror(&self.state, job.id(), &notes, job.record.cycle).await?;
+        let updated = notes.iter().filter(|n| n.before.is_some()).count() as u64;
+        super::report::changes_recorded("user_updated", updated);
+        super::report::changes_recorded("user_created", notes.len() as u64 - updated);
+        push.known
+            .extend(landed.iter().map(|u| u.payload.id.to_string()));
         push.queue.landed(landed.len());
         let acked = landed
             .iter()
@@ -358,7 +390,7 @@ impl Engine {
     /// Dead-letters users Wazzup refused, with a line each.
     async fn record_refused(
         &self,
-        account_id: &str,
+        job: &Job<'_>,
         refused: Vec<RemoteRejection>,
         push: &mut Push<'_, '_>,
         report: &mut AccountReport,
@@ -370,7 +402,9 @@ impl Engine {
         push.refused
             .extend(refused.iter().map(|r| r.record_id.clone()));
         report.rejected_remotely += refused.len();
-        state::record_rejected(&self.state, account_id, &refused).await
+        let opened = state::record_rejected(&self.state, job.id(), &refused, &job.record);
+        super::report::changes_recorded("refused", opened.await?);
+        Ok(())
     }
 }
 

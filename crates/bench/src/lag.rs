@@ -127,7 +127,8 @@ async fn run_phase(
         "the cold sync before the lag phase failed"
     );
     let daemon = Daemon::start(&setup.daemon, &env).await?;
-    daemon.wait_for_cycles(1, Duration::from_secs(120)).await?;
+    // The start-up cycle, and the one that follows once LISTEN hears.
+    daemon.wait_for_cycles(2, Duration::from_secs(120)).await?;
     sim.record_landings();
     let mut results = Vec::new();
     for &rate in setup.rates {
@@ -151,6 +152,21 @@ async fn run_phase(
             .unwrap_or(writing)
             .max(writing);
         let cpu = sampler.stop().await;
+        if let Some((e, (at, d))) = edits
+            .iter()
+            .zip(&landed)
+            .filter_map(|(e, l)| l.map(|l| (e, l)))
+            .max_by_key(|(_, (_, d))| *d)
+        {
+            eprintln!(
+                "  slowest edit: account {} user {} committed {:.2} s in, landed after {:.2} s (at {:.2} s)",
+                e.account,
+                e.user,
+                e.committed.duration_since(started).as_secs_f64(),
+                d.as_secs_f64(),
+                at.duration_since(started).as_secs_f64()
+            );
+        }
         let mut lat: Vec<Duration> = landed.iter().filter_map(|l| l.map(|(_, d)| d)).collect();
         lat.sort();
         let pct = |p: f64| {
