@@ -53,3 +53,8 @@ CREATE INDEX changes_by_user ON changes (account_id, user_id, acknowledged_at);
 -- Time ranges and pruning; what one cycle did. Rows arrive in time order: small BRIN indexes.
 CREATE INDEX changes_acknowledged ON changes USING brin (acknowledged_at);
 CREATE INDEX changes_by_cycle ON changes USING brin (cycle_id);
+
+-- Per role row of `accounts.settings_doc.user_roles`, in its order, a 64-bit hash of the row:
+-- a push tells which role rows changed (for their history rows) without reading the document
+-- back. Written with the document; NULL for a document written before this migration.
+ALTER TABLE accounts ADD COLUMN settings_roles bigint[];

@@ -287,6 +287,9 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&s.log.level)
             .map_err(|_| bad("LOG__LEVEL", "is not a valid log filter"))?;
+        if s.instance.trim().chars().count() > 200 {
+            return Err(bad("INSTANCE", "must be at most 200 characters"));
+        }
         Ok(())
     }
 

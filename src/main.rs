@@ -57,6 +57,44 @@ enum Command {
     /// List, retry or discard the records that were refused.
     #[command(name = "dead-letters", subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// The record of every change Wazzup acknowledged, newest first. Read-only.
+    History {
+        /// Only this user's changes.
+        user_id: Option<String>,
+        #[arg(long)]
+        account: Option<String>,
+        /// From this age (7d, 12h, 30m) or date (2026-12-01) on.
+        #[arg(long)]
+        since: Option<String>,
+        /// Before this age or date.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only these actions, comma-separated (role_granted,role_changed,…).
+        #[arg(long)]
+        action: Option<String>,
+        /// Only the changes that gave someone more access.
+        #[arg(long)]
+        widens_access: bool,
+        /// Only what this cycle did (its id in `cycles`).
+        #[arg(long)]
+        cycle: Option<i64>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long, default_value = "table", value_parser = ["table", "json", "csv"])]
+        format: String,
+    },
+    /// Who holds which role on which channel now, as Wazzup acknowledged it, and since when.
+    Access {
+        #[arg(long)]
+        account: Option<String>,
+        /// Only these roles, comma-separated (manager,auditor).
+        #[arg(long)]
+        role: Option<String>,
+        #[arg(long)]
+        channel: Option<String>,
+        #[arg(long, default_value = "table", value_parser = ["table", "json", "csv"])]
+        format: String,
+    },
     /// Everything about one user: the CRM rows, what they became and why, the mirror, the dead
     /// letters, what the next cycle would send; with --remote, what Wazzup holds now. Read-only.
     Explain {
@@ -200,6 +238,9 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::DeadLetters(cmd) => dead_letters_command(cmd, settings).await,
+        Command::History { .. } | Command::Access { .. } => {
+            history_command(command, settings).await
+        }
     }
 }
 
@@ -228,4 +269,50 @@ async fn dead_letters_command(
         }
     };
     dead_letters::run(settings, action, Selection { account, id }).await
+}
+
+/// `history` and `access`.
+async fn history_command(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    use commands::history::{AccessArgs, HistoryArgs, run_access, run_history};
+    match command {
+        Command::History {
+            user_id,
+            account,
+            since,
+            until,
+            action,
+            widens_access,
+            cycle,
+            limit,
+            format,
+        } => {
+            let args = HistoryArgs {
+                user_id,
+                account,
+                since,
+                until,
+                actions: action,
+                widens_access,
+                cycle,
+                limit,
+                format,
+            };
+            run_history(settings, args).await
+        }
+        Command::Access {
+            account,
+            role,
+            channel,
+            format,
+        } => {
+            let args = AccessArgs {
+                account,
+                roles: role,
+                channel,
+                format,
+            };
+            run_access(settings, args).await
+        }
+        _ => Ok(ExitCode::from(2)),
+    }
 }

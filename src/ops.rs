@@ -133,6 +133,12 @@ pub fn register_metrics() {
     for kind in ["missing", "changed", "settings", "pruned"] {
         metrics::counter!("wazzup_sync_drift_repaired_total", "kind" => kind).increment(0);
     }
+    for action in crate::state::history::ACTIONS {
+        metrics::counter!("wazzup_sync_changes_recorded_total", "action" => action).increment(0);
+    }
+    for action in ["role_granted", "role_changed", "new_clients_on"] {
+        metrics::counter!("wazzup_sync_access_widened_total", "action" => action).increment(0);
+    }
     metrics::counter!("wazzup_sync_retries_total").increment(0);
     metrics::gauge!("wazzup_sync_accounts_auth_failed").set(0.0);
     metrics::gauge!("wazzup_sync_ready").set(0.0);

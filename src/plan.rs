@@ -190,7 +190,6 @@ impl Access {
             allow_get_new_clients: r.allow_get_new_clients,
         }
     }
-
 }
 
 /// A field's value before and after; phones masked.
@@ -287,8 +286,8 @@ impl Change {
 
 /// True when a role row going from `before` to `after` (None: no row) gives more access: a
 /// manager or auditor row added, a wider role, or new clients turned on. The rule of
-/// `plan --detail`, of `changes.widens_access` (which [`widening_sql`] states in SQL), and of
-/// what `sync.hold_widening` holds.
+/// `plan --detail` (through [`doc_diff`]) and of `changes.widens_access` (through
+/// [`widening_sql`], which a test holds equal to it).
 pub fn widens(before: Option<Access>, after: Option<Access>) -> bool {
     match (before, after) {
         (None, Some(a)) => reach(a.role) > reach(Role::Seller),
@@ -300,7 +299,8 @@ pub fn widens(before: Option<Access>, after: Option<Access>) -> bool {
 }
 
 /// [`widens`] as an SQL expression over a role row before (`{b}_role`, `{b}_new`; NULL role:
-/// no row) and after (`{a}_role`, `{a}_new`), with each role's reach taken from [`reach`].
+/// no row) and after (`{a}_role`, `{a}_new`), with each role's reach taken from [`reach`]: the
+/// history's rows are classified in the statement that records the settings.
 pub fn widening_sql(b: &str, a: &str) -> String {
     let reach_of = |col: String| {
         format!(
@@ -353,26 +353,12 @@ pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
             .get(u.payload.id.as_str())
             .cloned()
             .unwrap_or_default();
-        let mut changes = BTreeMap::new();
-        if before.name.as_deref() != Some(u.payload.name.as_str()) {
-            changes.insert(
-                "name",
-                FieldChange {
-                    from: before.name.clone(),
-                    to: Some(u.payload.name.to_string()),
-                },
-            );
-        }
-        if before.phone.as_deref() != u.payload.phone.as_deref() {
-            changes.insert(
-                "phone",
-                FieldChange {
-                    from: before.phone.as_deref().map(mask_phone),
-                    to: u.payload.phone.as_deref().map(mask_phone),
-                },
-            );
-        }
-        out.push(record(&u.payload.id, Change::UserUpdated { changes }, false));
+        let changes = field_changes(&before, &u.payload.name, u.payload.phone.as_deref());
+        out.push(record(
+            &u.payload.id,
+            Change::UserUpdated { changes },
+            false,
+        ));
     }
     for id in &input.plan.deletes {
         out.push(record(id, Change::UserDeleted, false));
@@ -380,14 +366,18 @@ pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
     for id in &input.plan.held_deletes {
         out.push(record(id, Change::DeleteHeld, false));
     }
+    let (previous, next) = (
+        input.previous_doc.map(SettingsDoc::view),
+        input.next_doc.view(),
+    );
     out.extend(
-        role_changes(input.previous_doc, input.next_doc)
+        doc_diff(previous.as_ref(), &next)
             .into_iter()
-            .map(|(user_id, change, widens_access)| PlanRecord {
+            .map(|d| PlanRecord {
                 account_id: input.account_id.to_string(),
-                user_id,
-                change,
-                widens_access,
+                user_id: d.user_id().map(str::to_string),
+                change: d.change(),
+                widens_access: d.widens(),
             }),
     );
     for u in &input.norm.users {
@@ -411,93 +401,269 @@ pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
     out
 }
 
-/// Role rows granted, changed and revoked between two settings documents, the users whose
-/// contacts' phones become hidden or shown, and the account's push flag: (user id, change,
-/// widens access); the push flag's change has no user.
-fn role_changes(
-    before: Option<&SettingsDoc>,
-    after: &SettingsDoc,
-) -> Vec<(Option<String>, Change, bool)> {
-    let index = |doc: Option<&SettingsDoc>| -> BTreeMap<(String, String), Access> {
-        doc.map(|d| {
-            d.user_roles
-                .iter()
-                .map(|r| {
-                    (
-                        (r.user_id.to_string(), r.channel_id.to_string()),
-                        Access::of(r),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-    };
-    let (old, new) = (index(before), index(Some(after)));
-    let mut out = Vec::new();
-    for ((user_id, channel_id), access) in &new {
-        let key = (user_id.clone(), channel_id.clone());
-        let prev = old.get(&key).copied();
-        let channel_id = channel_id.clone();
-        let change = match prev {
-            None => Change::RoleGranted {
-                channel_id,
-                access: *access,
+/// A user's name and phone that change from what Wazzup acknowledged (phones masked).
+fn field_changes(
+    before: &LastPushed,
+    name: &str,
+    phone: Option<&str>,
+) -> BTreeMap<&'static str, FieldChange> {
+    let mut changes = BTreeMap::new();
+    if before.name.as_deref() != Some(name) {
+        changes.insert(
+            "name",
+            FieldChange {
+                from: before.name.clone(),
+                to: Some(name.to_string()),
             },
-            Some(from) if from == *access => continue,
-            Some(from) if from.role != access.role => Change::RoleChanged {
-                channel_id,
-                from,
-                to: *access,
-            },
-            Some(from) if access.allow_get_new_clients => Change::NewClientsOn {
-                channel_id,
-                from,
-                to: *access,
-            },
-            Some(from) => Change::NewClientsOff {
-                channel_id,
-                from,
-                to: *access,
-            },
-        };
-        out.push((Some(user_id.clone()), change, widens(prev, Some(*access))));
+        );
     }
-    for ((user_id, channel_id), access) in &old {
-        if !new.contains_key(&(user_id.clone(), channel_id.clone())) {
-            let change = Change::RoleRevoked {
-                channel_id: channel_id.clone(),
-                access: *access,
-            };
-            out.push((Some(user_id.clone()), change, false));
+    if before.phone.as_deref() != phone {
+        changes.insert(
+            "phone",
+            FieldChange {
+                from: before.phone.as_deref().map(mask_phone),
+                to: phone.map(mask_phone),
+            },
+        );
+    }
+    changes
+}
+
+/// One difference between two settings documents: a role row granted (`from` None) or changed,
+/// a role row revoked, a user's contacts' phones hidden or shown, or the account's push flag.
+/// Borrowed from the documents: an account's cold sync has thousands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocDiff<'a> {
+    Role {
+        user_id: &'a str,
+        channel_id: &'a str,
+        from: Option<Access>,
+        to: Access,
+    },
+    Revoked {
+        user_id: &'a str,
+        channel_id: &'a str,
+        access: Access,
+    },
+    Hidden {
+        user_id: &'a str,
+        hidden: bool,
+    },
+    Push {
+        on: bool,
+    },
+}
+
+impl DocDiff<'_> {
+    /// The change as `plan --detail` and the history name it.
+    pub fn change(&self) -> Change {
+        match *self {
+            DocDiff::Role {
+                channel_id,
+                from,
+                to,
+                ..
+            } => {
+                let channel_id = channel_id.to_string();
+                match from {
+                    None => Change::RoleGranted {
+                        channel_id,
+                        access: to,
+                    },
+                    Some(from) if from.role != to.role => Change::RoleChanged {
+                        channel_id,
+                        from,
+                        to,
+                    },
+                    Some(from) if to.allow_get_new_clients => Change::NewClientsOn {
+                        channel_id,
+                        from,
+                        to,
+                    },
+                    Some(from) => Change::NewClientsOff {
+                        channel_id,
+                        from,
+                        to,
+                    },
+                }
+            }
+            DocDiff::Revoked {
+                channel_id, access, ..
+            } => Change::RoleRevoked {
+                channel_id: channel_id.to_string(),
+                access,
+            },
+            DocDiff::Hidden { hidden: true, .. } => Change::PhoneHidden,
+            DocDiff::Hidden { hidden: false, .. } => Change::PhoneShown,
+            DocDiff::Push { on: true } => Change::PushForManagersOn,
+            DocDiff::Push { on: false } => Change::PushForManagersOff,
         }
     }
-    let hidden = |doc: Option<&SettingsDoc>| -> HashSet<String> {
-        doc.map(|d| d.hide_phone_numbers_for_user_ids.iter().cloned().collect())
-            .unwrap_or_default()
-    };
-    let (was, now) = (hidden(before), hidden(Some(after)));
-    let mut flips: Vec<(String, bool)> = now
-        .difference(&was)
-        .map(|u| (u.clone(), true))
-        .chain(was.difference(&now).map(|u| (u.clone(), false)))
-        .collect();
-    flips.sort();
-    for (user_id, hidden) in flips {
-        let change = if hidden {
-            Change::PhoneHidden
-        } else {
-            Change::PhoneShown
-        };
-        out.push((Some(user_id), change, false));
+
+    /// The action's name, without building the change.
+    pub fn action(&self) -> &'static str {
+        match *self {
+            DocDiff::Role { from: None, .. } => "role_granted",
+            DocDiff::Role {
+                from: Some(f), to, ..
+            } if f.role != to.role => "role_changed",
+            DocDiff::Role { to, .. } if to.allow_get_new_clients => "new_clients_on",
+            DocDiff::Role { .. } => "new_clients_off",
+            DocDiff::Revoked { .. } => "role_revoked",
+            DocDiff::Hidden { hidden: true, .. } => "phone_hidden",
+            DocDiff::Hidden { hidden: false, .. } => "phone_shown",
+            DocDiff::Push { on: true } => "push_for_managers_on",
+            DocDiff::Push { on: false } => "push_for_managers_off",
+        }
     }
-    let push_was = before.is_some_and(|d| d.push_input_output_message_events_for_managers);
-    if before.is_some() && push_was != after.push_input_output_message_events_for_managers {
-        let change = if push_was {
-            Change::PushForManagersOff
-        } else {
-            Change::PushForManagersOn
+
+    /// Whether it gives the user more access ([`widens`]).
+    pub fn widens(&self) -> bool {
+        match *self {
+            DocDiff::Role { from, to, .. } => widens(from, Some(to)),
+            _ => false,
+        }
+    }
+
+    /// The user it concerns; None for the account's push flag.
+    pub fn user_id(&self) -> Option<&str> {
+        match *self {
+            DocDiff::Role { user_id, .. }
+            | DocDiff::Revoked { user_id, .. }
+            | DocDiff::Hidden { user_id, .. } => Some(user_id),
+            DocDiff::Push { .. } => None,
+        }
+    }
+}
+
+/// A 64-bit hash of one role row: its user, channel, role and new-clients flag. Kept per row
+/// of the last acknowledged document (`accounts.settings_roles`), so that a push finds the
+/// rows that changed by their hashes, without reading the document back. Fixed within a build
+/// (every process and replica agrees); should a later build hash otherwise, its first push of
+/// each account reads every row back once, and records the same rows.
+pub fn role_hash(r: &RoleEntry) -> i64 {
+    use std::hash::BuildHasher;
+    const STATE: foldhash::quality::FixedState = foldhash::quality::FixedState::with_seed(0x5e771);
+    STATE.hash_one((
+        r.user_id.as_str(),
+        r.channel_id.as_str(),
+        r.role.as_str(),
+        r.allow_get_new_clients,
+    )) as i64
+}
+
+/// Between two documents' role-row hashes: the positions of `old`'s rows that `new` lacks,
+/// and of `new`'s rows that `old` lacks. Every other row is in both, unchanged.
+pub fn changed_rows(old: &[i64], new: &[i64]) -> (Vec<usize>, Vec<usize>) {
+    let missing = |from: &[i64], other: &[i64]| -> Vec<usize> {
+        let other: foldhash::HashSet<i64> = other.iter().copied().collect();
+        (0..from.len())
+            .filter(|&i| !other.contains(&from[i]))
+            .collect()
+    };
+    (missing(old, new), missing(new, old))
+}
+
+/// What changes from one settings document to the next, by user, then channel. Both are
+/// sorted by those keys first (a canonical document already is, and costs one pass), so one
+/// pass over each finds every difference. Of two rows with the same user and channel, the
+/// last counts.
+pub fn doc_diff<'a>(
+    before: Option<&'a SettingsDocRef<'_>>,
+    after: &'a SettingsDocRef<'_>,
+) -> Vec<DocDiff<'a>> {
+    type Row<'r> = (&'r str, &'r str, Access);
+    fn rows<'r>(roles: &[&'r RoleEntry]) -> Vec<Row<'r>> {
+        let mut rows: Vec<Row<'r>> = roles
+            .iter()
+            .map(|r| (r.user_id.as_str(), r.channel_id.as_str(), Access::of(r)))
+            .collect();
+        // Stable: of equal keys, the last stays last.
+        rows.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mut kept: Vec<Row<'r>> = Vec::with_capacity(rows.len());
+        for row in rows {
+            match kept.last_mut() {
+                Some(last) if (last.0, last.1) == (row.0, row.1) => *last = row,
+                _ => kept.push(row),
+            }
+        }
+        kept
+    }
+    let (old, new) = (
+        rows(before.map_or(&[], |d| &d.user_roles)),
+        rows(&after.user_roles),
+    );
+    let mut out: Vec<DocDiff<'a>> = pair_sorted(&old, &new, |r| (r.0, r.1))
+        .into_iter()
+        .filter_map(|pair| match pair {
+            (Some(o), Some(n)) if o.2 == n.2 => None,
+            (Some((user_id, channel_id, access)), None) => Some(DocDiff::Revoked {
+                user_id,
+                channel_id,
+                access,
+            }),
+            (from, Some((user_id, channel_id, to))) => Some(DocDiff::Role {
+                user_id,
+                channel_id,
+                from: from.map(|f| f.2),
+                to,
+            }),
+            (None, None) => None,
+        })
+        .collect();
+    let ids = |list: &[&'a str]| {
+        let mut list = list.to_vec();
+        list.sort_unstable();
+        list.dedup();
+        list
+    };
+    let was = ids(before.map_or(&[], |d| &d.hide_phone_numbers_for_user_ids));
+    let now = ids(&after.hide_phone_numbers_for_user_ids);
+    out.extend(
+        pair_sorted(&was, &now, |id| *id)
+            .into_iter()
+            .filter_map(|pair| match pair {
+                (Some(user_id), None) => Some(DocDiff::Hidden {
+                    user_id,
+                    hidden: false,
+                }),
+                (None, Some(user_id)) => Some(DocDiff::Hidden {
+                    user_id,
+                    hidden: true,
+                }),
+                _ => None,
+            }),
+    );
+    let push = after.push_input_output_message_events_for_managers;
+    if before.is_some_and(|d| d.push_input_output_message_events_for_managers != push) {
+        out.push(DocDiff::Push { on: push });
+    }
+    out
+}
+
+/// Pairs the items of two lists sorted by `key`, and without repeated keys: (old, new), None
+/// on the side that lacks the key.
+fn pair_sorted<T: Copy, K: Ord>(
+    old: &[T],
+    new: &[T],
+    key: impl Fn(&T) -> K,
+) -> Vec<(Option<T>, Option<T>)> {
+    let (mut i, mut j) = (0, 0);
+    let mut out = Vec::new();
+    while i < old.len() || j < new.len() {
+        let order = match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) => key(o).cmp(&key(n)),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
         };
-        out.push((None, change, false));
+        let pair = match order {
+            std::cmp::Ordering::Less => (Some(old[i]), None),
+            std::cmp::Ordering::Greater => (None, Some(new[j])),
+            std::cmp::Ordering::Equal => (Some(old[i]), Some(new[j])),
+        };
+        i += usize::from(pair.0.is_some());
+        j += usize::from(pair.1.is_some());
+        out.push(pair);
     }
     out
 }
@@ -676,18 +842,36 @@ mod tests {
             entry("new-a", "c", Auditor, false),
             entry("new-s", "c", Seller, false),
         ]);
-        let widening: Vec<String> = role_changes(Some(&before), &after)
-            .into_iter()
-            .filter(|(_, _, w)| *w)
-            .filter_map(|(u, _, _)| u)
+        let (before, after) = (before.view(), after.view());
+        let diff = doc_diff(Some(&before), &after);
+        let widening: Vec<&str> = diff
+            .iter()
+            .filter(|d| d.widens())
+            .filter_map(|d| d.user_id())
             .collect();
         assert_eq!(widening, ["a2m", "new-a", "new-m", "on", "s2a", "s2m"]);
-        let all: Vec<String> = role_changes(Some(&before), &after)
-            .into_iter()
-            .filter_map(|(u, _, _)| u)
+        let all: Vec<(&str, &str)> = diff
+            .iter()
+            .map(|d| (d.user_id().unwrap(), d.action()))
             .collect();
-        assert!(all.contains(&"gone".to_string()) && all.contains(&"m2s".to_string()));
-        assert!(!all.contains(&"same".to_string()));
+        assert_eq!(
+            all,
+            [
+                ("a2m", "role_changed"),
+                ("gone", "role_revoked"),
+                ("m2s", "role_changed"),
+                ("new-a", "role_granted"),
+                ("new-m", "role_granted"),
+                ("new-s", "role_granted"),
+                ("off", "new_clients_off"),
+                ("on", "new_clients_on"),
+                ("s2a", "role_changed"),
+                ("s2m", "role_changed"),
+            ]
+        );
+        for d in &diff {
+            assert_eq!(d.action(), d.change().action(), "{d:?}");
+        }
     }
 
     #[test]

@@ -19,7 +19,9 @@ pub async fn check(settings: Settings) -> anyhow::Result<bool> {
     let (_tx, rx) = watch::channel(false);
     let engine = Engine::new(settings, rx)?;
     let crm_ok = out.reachable(&engine.source_target, "CRM").await;
-    out.reachable(&engine.state_target, "state").await;
+    if out.reachable(&engine.state_target, "state").await {
+        check_history(&engine, &mut out).await;
+    }
     if crm_ok {
         check_crm(&engine, &mut out).await;
     } else {
@@ -104,6 +106,30 @@ async fn check_crm(engine: &Engine, out: &mut Lines) {
             ),
             Err(why) => out.say(Verdict::Fail, why),
         }
+    }
+}
+
+/// The history's retention and the size of its tables, once the state schema has them.
+async fn check_history(engine: &Engine, out: &mut Lines) {
+    let table = format!("{}.changes", engine.settings.state.schema);
+    let found: Result<Option<String>, sqlx::Error> =
+        sqlx::query_scalar("SELECT to_regclass($1)::text")
+            .bind(table)
+            .fetch_one(&engine.state)
+            .await;
+    match found {
+        Ok(Some(_)) => match super::history::describe(&engine.settings, &engine.state).await {
+            Ok(line) => out.say(Verdict::Ok, line),
+            Err(e) => out.say(Verdict::Warn, format!("history: {e}")),
+        },
+        Ok(None) => {
+            let keep = engine.settings.history.retention_days;
+            out.say(
+                Verdict::Ok,
+                format!("history kept {keep} days (0: for ever); its tables come with the first sync or `migrate`"),
+            );
+        }
+        Err(e) => out.say(Verdict::Warn, format!("history: {e}")),
     }
 }
 

@@ -15,18 +15,27 @@ pub enum Action {
     Discard,
 }
 
+/// The state pool of a read command, once the state database answers; None (and a line
+/// saying so) when there is no state schema yet.
+pub(super) async fn state_pool(settings: &Settings) -> anyhow::Result<Option<sqlx::PgPool>> {
+    let pool = state::connect(settings)?;
+    crate::db::probe_all(&[&state::target(settings)?]).await?;
+    if !state::is_migrated(&pool, &settings.state.schema).await? {
+        println!("No state schema yet: nothing has been synced.");
+        return Ok(None);
+    }
+    Ok(Some(pool))
+}
+
 /// Runs a `dead-letters` command; `retry --now` runs a cycle for the accounts it touched.
 pub async fn run(
     settings: Settings,
     action: Action,
     selection: Selection,
 ) -> anyhow::Result<ExitCode> {
-    let pool = state::connect(&settings)?;
-    crate::db::probe_all(&[&state::target(&settings)?]).await?;
-    if !state::is_migrated(&pool, &settings.state.schema).await? {
-        println!("No state schema yet: nothing has been synced.");
+    let Some(pool) = state_pool(&settings).await? else {
         return Ok(ExitCode::SUCCESS);
-    }
+    };
     match action {
         Action::List { all, json } => {
             let rows = state::list_dead_letters(&pool, &selection, all).await?;
@@ -59,7 +68,7 @@ pub async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
-fn clip(s: &str, n: usize) -> String {
+pub(super) fn clip(s: &str, n: usize) -> String {
     let one_line: String = s
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })

@@ -53,6 +53,8 @@ pub struct Explanation {
     pub dead_letters: Vec<DeadLetterRow>,
     /// What the next cycle would send for this user; empty: nothing.
     pub next_cycle: Vec<PlanRecord>,
+    /// The user's last history rows, newest first (at most ten).
+    pub history: Vec<state::history::ChangeRow>,
     /// With `--remote`: what Wazzup holds now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remote: Option<Remote>,
@@ -201,6 +203,7 @@ async fn explain(
                 )
             })
             .collect(),
+        history: Vec::new(),
         remote: None,
     };
     describe_user(engine, &rows.users, &norm, &mut e);
@@ -383,6 +386,16 @@ async fn add_state(engine: &Engine, e: &mut Explanation) -> anyhow::Result<()> {
         .into_iter()
         .filter(|d| d.record_id == e.user_id || d.record_id.starts_with(&role_prefix))
         .collect();
+    let filter = state::history::HistoryFilter {
+        user_id: Some(e.user_id.clone()),
+        account_id: Some(e.account_id.clone()),
+        limit: 10,
+        ..Default::default()
+    };
+    // A state schema not migrated this far has no history yet.
+    e.history = state::history::history(&engine.state, &filter)
+        .await
+        .unwrap_or_default();
     Ok(())
 }
 
@@ -494,6 +507,7 @@ fn print(e: &Explanation, out: &mut impl Write) -> std::io::Result<()> {
     }
     print_state(e, out)?;
     print_next(e, out)?;
+    print_history(e, out)?;
     if let Some(r) = &e.remote {
         print_remote(r, out)?;
     }
@@ -556,6 +570,36 @@ fn print_state(e: &Explanation, out: &mut impl Write) -> std::io::Result<()> {
             d.error_code,
             d.kind.as_str(),
             d.error_message
+        )?;
+    }
+    Ok(())
+}
+
+fn print_history(e: &Explanation, out: &mut impl Write) -> std::io::Result<()> {
+    writeln!(out, "\nHistory (newest first, at most 10)")?;
+    if e.history.is_empty() {
+        return writeln!(out, "  nothing recorded for this user");
+    }
+    for h in &e.history {
+        let widens = if h.widens_access {
+            "  [WIDENS ACCESS]"
+        } else {
+            ""
+        };
+        writeln!(
+            out,
+            "  {} {} {}{} ({}, cycle {}){widens}",
+            h.acknowledged_at.format("%Y-%m-%d %H:%M:%S"),
+            h.action,
+            h.channel_id
+                .as_deref()
+                .map(|c| format!("{c}: "))
+                .unwrap_or_default(),
+            super::history::values(&h.before, &h.after),
+            h.cause,
+            h.cycle_id
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
         )?;
     }
     Ok(())

@@ -8,6 +8,7 @@ use crate::sync::CycleReport;
 pub mod check;
 pub mod dead_letters;
 pub mod explain;
+pub mod history;
 pub mod listen;
 pub mod plan;
 pub mod run;

@@ -73,11 +73,11 @@ fn print_records(records: &[PlanRecord], out: &mut impl Write) -> std::io::Resul
     }
     writeln!(
         out,
-        "{:<16} {:<20} {:<16} DETAIL",
+        "{:<16} {:<20} {:<22} DETAIL",
         "ACCOUNT", "USER", "ACTION"
     )?;
     for r in records {
-        let (action, detail) = describe_change(&r.change);
+        let detail = describe_change(&r.change);
         let mark = if r.widens_access {
             "  [WIDENS ACCESS]"
         } else {
@@ -85,16 +85,17 @@ fn print_records(records: &[PlanRecord], out: &mut impl Write) -> std::io::Resul
         };
         writeln!(
             out,
-            "{:<16} {:<20} {:<16} {detail}{mark}",
+            "{:<16} {:<20} {:<22} {detail}{mark}",
             crate::domain::clip(&r.account_id),
             crate::domain::clip(r.user_id.as_deref().unwrap_or("(account)")),
-            action
+            r.change.action()
         )?;
     }
     Ok(())
 }
 
-fn describe_change(c: &Change) -> (&'static str, String) {
+/// The table's detail of one change; its action is `Change::action`, the history's name.
+fn describe_change(c: &Change) -> String {
     let access = |a: &Access| {
         format!(
             "{}{}",
@@ -111,27 +112,25 @@ fn describe_change(c: &Change) -> (&'static str, String) {
         None => "(none)".to_string(),
     };
     match c {
-        Change::UserCreated { name, phone } => (
-            "user created",
-            match phone {
-                Some(p) => format!("name {name:?}, phone {p}"),
-                None => format!("name {name:?}, no phone"),
-            },
-        ),
-        Change::UserUpdated { changes } => (
-            "user updated",
-            changes
-                .iter()
-                .map(|(field, ch)| format!("{field}: {} -> {}", value(&ch.from), value(&ch.to)))
-                .collect::<Vec<_>>()
-                .join(", "),
-        ),
-        Change::UserDeleted => ("user deleted", String::new()),
-        Change::DeleteHeld => ("delete held", "held back by the mass-deletion guard".into()),
+        Change::UserCreated { name, phone } => match phone {
+            Some(p) => format!("name {name:?}, phone {p}"),
+            None => format!("name {name:?}, no phone"),
+        },
+        Change::UserUpdated { changes } => changes
+            .iter()
+            .map(|(field, ch)| format!("{field}: {} -> {}", value(&ch.from), value(&ch.to)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        Change::UserDeleted => String::new(),
+        Change::DeleteHeld => "held back by the mass-deletion guard".into(),
         Change::RoleGranted {
             channel_id,
             access: a,
-        } => ("role granted", format!("channel {channel_id}: {}", access(a))),
+        }
+        | Change::RoleRevoked {
+            channel_id,
+            access: a,
+        } => format!("channel {channel_id}: {}", access(a)),
         Change::RoleChanged {
             channel_id,
             from,
@@ -146,35 +145,14 @@ fn describe_change(c: &Change) -> (&'static str, String) {
             channel_id,
             from,
             to,
-        } => (
-            match c {
-                Change::RoleChanged { .. } => "role changed",
-                Change::NewClientsOn { .. } => "new clients on",
-                _ => "new clients off",
-            },
-            format!("channel {channel_id}: {} -> {}", access(from), access(to)),
-        ),
-        Change::RoleRevoked {
-            channel_id,
-            access: a,
-        } => (
-            "role revoked",
-            format!("channel {channel_id}: {}", access(a)),
-        ),
-        Change::PhoneHidden => ("phones hidden", "contacts' phones hidden".into()),
-        Change::PhoneShown => ("phones shown", "contacts' phones shown".into()),
-        Change::PushForManagersOn => (
-            "push on",
-            "supervisors notified of every chat".into(),
-        ),
-        Change::PushForManagersOff => (
-            "push off",
-            "supervisors notified of their own chats only".into(),
-        ),
-        Change::UnreadablePhone { phone } => (
-            "phone unreadable",
-            format!("{phone:?} is not a phone number; sent without a phone"),
-        ),
-        Change::Refused { code, reason, .. } => ("refused", format!("{code}: {reason}")),
+        } => format!("channel {channel_id}: {} -> {}", access(from), access(to)),
+        Change::PhoneHidden => "contacts' phones hidden".into(),
+        Change::PhoneShown => "contacts' phones shown".into(),
+        Change::PushForManagersOn => "supervisors: every chat".into(),
+        Change::PushForManagersOff => "supervisors: their own chats".into(),
+        Change::UnreadablePhone { phone } => {
+            format!("{phone:?} is not a phone number; sent without a phone")
+        }
+        Change::Refused { code, reason, .. } => format!("{code}: {reason}"),
     }
 }

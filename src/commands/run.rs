@@ -93,10 +93,17 @@ async fn run_cycles(
     let grace = Duration::from_secs(engine.settings.sync.shutdown_grace_secs);
     let mut failures = FailureLog::default();
     let mut quiet = false;
+    // Once a day, between cycles: the history older than its retention goes.
+    let mut prune = tokio::time::interval(PRUNE_EVERY);
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let opts = tokio::select! {
             biased;
             _ = stop.wait_for(|s| *s) => break,
+            _ = prune.tick() => {
+                prune_history(engine).await;
+                continue;
+            }
             opts = triggers.next() => opts,
             // Quiet for a while: the sessions the cycle left idle are closed.
             () = tokio::time::sleep(crate::db::IDLE_TIMEOUT), if !quiet => {
@@ -125,6 +132,27 @@ async fn run_cycles(
             health.cycle_finished();
         }
         failures.record(engine, result).await;
+    }
+}
+
+/// How often `run` prunes the history.
+const PRUNE_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// Rows deleted per statement when pruning: each batch a short transaction of its own.
+const PRUNE_BATCH: i64 = 5_000;
+
+/// Deletes the history rows older than `history.retention_days` (none when it is 0), and says
+/// how many went.
+async fn prune_history(engine: &Engine) {
+    let days = engine.settings.history.retention_days;
+    if days == 0 {
+        return;
+    }
+    match crate::state::history::prune(&engine.state, days, PRUNE_BATCH).await {
+        Ok((changes, cycles)) => {
+            tracing::info!(changes, cycles, retention_days = days, "Pruned the history")
+        }
+        Err(e) => tracing::warn!(error = %e, "Could not prune the history; trying again tomorrow"),
     }
 }
 

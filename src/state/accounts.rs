@@ -17,6 +17,9 @@ pub struct AccountState {
     pub auth_failed_at: Option<DateTime<Utc>>,
     pub settings_hash: Option<String>,
     pub settings_doc: Option<SettingsDoc>,
+    /// When the document is not loaded whole: enough of it to tell what a push changes
+    /// (read as the account's cycle opens, see [`open_account`]).
+    pub settings_outline: Option<AcknowledgedOutline>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -54,6 +57,7 @@ pub async fn load_account(
             },
             settings_hash: r.settings_hash,
             settings_doc: r.settings_doc.map(|d| d.0),
+            settings_outline: None,
         },
     })
 }
@@ -70,8 +74,8 @@ pub struct Opening {
 
 /// Opens an account's cycle in one statement: forgets its clean fingerprint (so that if the
 /// process dies mid-way and the CRM then returns to its old rows, the account is still synced),
-/// and reads its state (its last settings document only when `with_doc`), the users pending
-/// and its dead letters.
+/// and reads its state (its last settings document whole only when `with_doc`, else its
+/// outline), the users pending and its dead letters.
 pub async fn open_account(
     db: impl PgExecutor<'_>,
     account_id: &str,
@@ -84,6 +88,11 @@ pub async fn open_account(
          )
          SELECT a.token_fingerprint, a.status, a.auth_failed_at, a.settings_hash,
                 CASE WHEN $2 THEN a.settings_doc END AS settings_doc,
+                a.settings_doc IS NOT NULL AND NOT $2 AS outlined, a.settings_roles,
+                CASE WHEN NOT $2 THEN a.settings_doc->'hide_phone_numbers_for_user_ids' END AS hidden,
+                CASE WHEN NOT $2
+                     THEN (a.settings_doc->>'push_input_output_message_events_for_managers')::bool
+                END AS push,
                 ARRAY(SELECT user_id FROM pending_users WHERE account_id = $1) AS pending,
                 d.entity, d.record_id, d.kind, d.error_code, d.error_message, d.payload_hash,
                 d.next_attempt_at, d.resolution
@@ -115,6 +124,17 @@ pub async fn open_account(
         settings_doc: row
             .try_get::<Option<sqlx::types::Json<SettingsDoc>>, _>("settings_doc")?
             .map(|d| d.0),
+        settings_outline: match row.try_get::<Option<bool>, _>("outlined")? {
+            Some(true) => Some(AcknowledgedOutline {
+                role_hashes: row.try_get("settings_roles")?,
+                hidden: row
+                    .try_get::<Option<sqlx::types::Json<Vec<String>>>, _>("hidden")?
+                    .map(|h| h.0)
+                    .unwrap_or_default(),
+                push: row.try_get::<Option<bool>, _>("push")?.unwrap_or(false),
+            }),
+            _ => None,
+        },
     };
     let pending: Vec<String> = row.try_get("pending")?;
     Ok(Opening {
@@ -220,85 +240,183 @@ pub async fn mark_auth_failed(
     Ok(())
 }
 
-/// Records the settings document Wazzup acknowledged, with a history row per role row granted,
-/// changed or revoked, per user whose contacts' phones became hidden or shown, and for the push
-/// flag, in one statement. The rows compare the document with `previous` (the document as
-/// found in Wazzup, after drift) or else with the one last acknowledged; `widens_access` follows
-/// [`crate::plan::widens`]. Returns how many rows of each action were written.
+/// Records the settings document Wazzup acknowledged, the hashes of its role rows
+/// ([`crate::plan::role_hash`], in its order), and its history rows (`diff`: what changed
+/// from the document Wazzup held, see [`crate::plan::doc_diff`]), in one statement. Returns how
+/// many rows of each action were written, those that widen access apart: (action, widens
+/// access, rows).
 pub async fn save_settings(
     pool: &PgPool,
     account_id: &str,
-    (doc_json, hash): (&str, &str),
-    previous: Option<&str>,
+    (doc_json, hash, role_hashes): (&str, &str, &[i64]),
+    diff: &[crate::plan::DocDiff<'_>],
     (cycle, cause): (Option<i64>, super::Cause),
-) -> Result<Vec<(String, i64)>> {
-    let sql = format!(
-        "WITH prev AS (
-            SELECT COALESCE($4::jsonb, (SELECT settings_doc FROM accounts WHERE account_id = $1)) AS d
-         ), n AS (
-            SELECT r->>'user_id' AS u, r->>'channel_id' AS c, r->>'role' AS n_role,
-                   (r->>'allow_get_new_clients')::bool AS n_new
-            FROM jsonb_array_elements($3::jsonb->'user_roles') AS r
-         ), o AS (
-            SELECT r->>'user_id' AS u, r->>'channel_id' AS c, r->>'role' AS o_role,
-                   (r->>'allow_get_new_clients')::bool AS o_new
-            FROM prev, jsonb_array_elements(prev.d->'user_roles') AS r
-         ), roles AS (
-            SELECT COALESCE(n.u, o.u) AS u, COALESCE(n.c, o.c) AS c, o.o_role, o.o_new, n.n_role, n.n_new
-            FROM n FULL JOIN o ON o.u = n.u AND o.c = n.c
-            WHERE o.o_role IS DISTINCT FROM n.n_role OR o.o_new IS DISTINCT FROM n.n_new
-         ), hidden AS (
-            SELECT h AS u, true AS now FROM jsonb_array_elements_text($3::jsonb->'hide_phone_numbers_for_user_ids') AS h
-            EXCEPT SELECT h, true FROM prev, jsonb_array_elements_text(prev.d->'hide_phone_numbers_for_user_ids') AS h
-            UNION ALL
-            (SELECT h, false FROM prev, jsonb_array_elements_text(prev.d->'hide_phone_numbers_for_user_ids') AS h
-             EXCEPT SELECT h, false FROM jsonb_array_elements_text($3::jsonb->'hide_phone_numbers_for_user_ids') AS h)
-         ), rows AS (
-            SELECT u, c,
-                   CASE WHEN o_role IS NULL THEN 'role_granted' WHEN n_role IS NULL THEN 'role_revoked'
-                        WHEN o_role <> n_role THEN 'role_changed'
-                        WHEN n_new THEN 'new_clients_on' ELSE 'new_clients_off' END AS action,
-                   CASE WHEN o_role IS NOT NULL
-                        THEN jsonb_build_object('role', o_role, 'allow_get_new_clients', o_new) END AS before,
-                   CASE WHEN n_role IS NOT NULL
-                        THEN jsonb_build_object('role', n_role, 'allow_get_new_clients', n_new) END AS after,
-                   {widens} AS widens
-            FROM roles
-            UNION ALL
-            SELECT u, NULL, CASE WHEN now THEN 'phone_hidden' ELSE 'phone_shown' END,
-                   jsonb_build_object('hidden', NOT now), jsonb_build_object('hidden', now), false
-            FROM hidden
-            UNION ALL
-            SELECT NULL, NULL,
-                   CASE WHEN ($3::jsonb->>'push_input_output_message_events_for_managers')::bool
-                        THEN 'push_for_managers_on' ELSE 'push_for_managers_off' END,
-                   jsonb_build_object('push', prev.d->'push_input_output_message_events_for_managers'),
-                   jsonb_build_object('push', $3::jsonb->'push_input_output_message_events_for_managers'),
-                   false
-            FROM prev
-            WHERE prev.d IS NOT NULL
-              AND prev.d->'push_input_output_message_events_for_managers'
-                  IS DISTINCT FROM $3::jsonb->'push_input_output_message_events_for_managers'
-         ), h AS (
+) -> Result<Vec<(String, bool, i64)>> {
+    let rows = DiffColumns::of(diff);
+    // A role row's values are {role, allow_get_new_clients}; a phone's {hidden}; the push
+    // flag's {push}. NULL where there is no row.
+    sqlx::query_as(
+        "WITH h AS (
             INSERT INTO changes (cycle_id, account_id, user_id, channel_id, action, before, after,
                                  widens_access, cause)
-            SELECT $5, $1, u, c, action, before, after, widens, $6 FROM rows
-            RETURNING action
+            SELECT $4, $1, d.u, d.c, d.action,
+                   CASE WHEN d.o_flag IS NULL THEN NULL
+                        WHEN d.action LIKE 'phone%' THEN jsonb_build_object('hidden', d.o_flag)
+                        WHEN d.action LIKE 'push%' THEN jsonb_build_object('push', d.o_flag)
+                        ELSE jsonb_build_object('role', d.o_role, 'allow_get_new_clients', d.o_flag) END,
+                   CASE WHEN d.n_flag IS NULL THEN NULL
+                        WHEN d.action LIKE 'phone%' THEN jsonb_build_object('hidden', d.n_flag)
+                        WHEN d.action LIKE 'push%' THEN jsonb_build_object('push', d.n_flag)
+                        ELSE jsonb_build_object('role', d.n_role, 'allow_get_new_clients', d.n_flag) END,
+                   d.widens, $5
+            FROM UNNEST($6::text[], $7::text[], $8::text[], $9::text[], $10::bool[], $11::text[],
+                        $12::bool[], $13::bool[])
+                 AS d(u, c, action, o_role, o_flag, n_role, n_flag, widens)
+            RETURNING action, widens_access
          ), saved AS (
-            INSERT INTO accounts (account_id, settings_hash, settings_doc) VALUES ($1, $2, $3::jsonb)
-            ON CONFLICT (account_id) DO UPDATE SET settings_hash = $2, settings_doc = $3::jsonb
+            INSERT INTO accounts (account_id, settings_hash, settings_doc, settings_roles)
+            VALUES ($1, $2, $3::jsonb, $14)
+            ON CONFLICT (account_id) DO UPDATE
+            SET settings_hash = EXCLUDED.settings_hash, settings_doc = EXCLUDED.settings_doc,
+                settings_roles = EXCLUDED.settings_roles
          )
-         SELECT action, count(*) FROM h GROUP BY action",
-        widens = crate::plan::widening_sql("o", "n"),
+         SELECT action, widens_access, count(*) FROM h GROUP BY 1, 2",
+    )
+    .bind(account_id)
+    .bind(hash)
+    .bind(doc_json)
+    .bind(cycle)
+    .bind(cause.as_str())
+    .bind(rows.users)
+    .bind(rows.channels)
+    .bind(rows.actions)
+    .bind(rows.old_role)
+    .bind(rows.old_flag)
+    .bind(rows.new_role)
+    .bind(rows.new_flag)
+    .bind(rows.widens)
+    .bind(role_hashes)
+    .fetch_all(pool)
+    .await
+    .map_err(Into::into)
+}
+
+/// The history rows of a settings push, column by column, as `save_settings` binds them: a
+/// role row's role and flag before and after, or a phone's hidden flag, or the push flag.
+#[derive(Default)]
+struct DiffColumns<'a> {
+    users: Vec<Option<&'a str>>,
+    channels: Vec<Option<&'a str>>,
+    actions: Vec<&'static str>,
+    old_role: Vec<Option<&'static str>>,
+    old_flag: Vec<Option<bool>>,
+    new_role: Vec<Option<&'static str>>,
+    new_flag: Vec<Option<bool>>,
+    widens: Vec<bool>,
+}
+
+impl<'a> DiffColumns<'a> {
+    fn of(diff: &'a [crate::plan::DocDiff<'a>]) -> Self {
+        use crate::plan::{Access, DocDiff};
+        let role = |a: Access| (Some(a.role.as_str()), a.allow_get_new_clients);
+        let mut c = DiffColumns::default();
+        for d in diff {
+            let (channel, before, after) = match *d {
+                DocDiff::Role {
+                    channel_id,
+                    from,
+                    to,
+                    ..
+                } => (Some(channel_id), from.map(role), Some(role(to))),
+                DocDiff::Revoked {
+                    channel_id, access, ..
+                } => (Some(channel_id), Some(role(access)), None),
+                DocDiff::Hidden { hidden, .. } => {
+                    (None, Some((None, !hidden)), Some((None, hidden)))
+                }
+                DocDiff::Push { on } => (None, Some((None, !on)), Some((None, on))),
+            };
+            c.users.push(d.user_id());
+            c.channels.push(channel);
+            c.actions.push(d.action());
+            c.widens.push(d.widens());
+            c.old_role.push(before.and_then(|b| b.0));
+            c.old_flag.push(before.map(|b| b.1));
+            c.new_role.push(after.and_then(|a| a.0));
+            c.new_flag.push(after.map(|a| a.1));
+        }
+        c
+    }
+}
+
+/// Enough of the last acknowledged settings document to tell what a push changes, without
+/// reading it whole: its role rows' hashes (None for a document written before they were
+/// kept), the users whose contacts' phones it hides, and its push flag.
+#[derive(Debug, Clone)]
+pub struct AcknowledgedOutline {
+    pub role_hashes: Option<Vec<i64>>,
+    pub hidden: Vec<String>,
+    pub push: bool,
+}
+
+/// The outline of the account's last acknowledged settings document; None when there is none.
+pub async fn acknowledged_outline(
+    pool: &PgPool,
+    account_id: &str,
+) -> Result<Option<AcknowledgedOutline>> {
+    type Outline = (
+        Option<Vec<i64>>,
+        Option<sqlx::types::Json<Vec<String>>>,
+        Option<bool>,
     );
-    sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(account_id)
-        .bind(hash)
-        .bind(doc_json)
-        .bind(previous)
-        .bind(cycle)
-        .bind(cause.as_str())
-        .fetch_all(pool)
-        .await
-        .map_err(Into::into)
+    let row: Option<Outline> = sqlx::query_as(
+        "SELECT settings_roles, settings_doc->'hide_phone_numbers_for_user_ids',
+                    (settings_doc->>'push_input_output_message_events_for_managers')::bool
+             FROM accounts WHERE account_id = $1 AND settings_doc IS NOT NULL",
+    )
+    .bind(account_id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(role_hashes, hidden, push)| AcknowledgedOutline {
+        role_hashes,
+        hidden: hidden.map(|h| h.0).unwrap_or_default(),
+        push: push.unwrap_or(false),
+    }))
+}
+
+/// The last acknowledged document's role rows at these positions (from 0).
+pub async fn acknowledged_roles_at(
+    pool: &PgPool,
+    account_id: &str,
+    positions: &[usize],
+) -> Result<Vec<crate::domain::RoleEntry>> {
+    if positions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let positions: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+    let rows: Vec<sqlx::types::Json<crate::domain::RoleEntry>> = sqlx::query_scalar(
+        "SELECT r.e FROM accounts a,
+                LATERAL (SELECT a.settings_doc->'user_roles' AS roles) d,
+                LATERAL (SELECT d.roles->p AS e FROM unnest($2::int[]) AS p) r
+         WHERE a.account_id = $1 AND r.e IS NOT NULL",
+    )
+    .bind(account_id)
+    .bind(positions)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|r| r.0).collect())
+}
+
+/// The account's last acknowledged settings document, whole (canonical).
+pub async fn acknowledged_settings(pool: &PgPool, account_id: &str) -> Result<Option<SettingsDoc>> {
+    let doc: Option<Option<sqlx::types::Json<SettingsDoc>>> =
+        sqlx::query_scalar("SELECT settings_doc FROM accounts WHERE account_id = $1")
+            .bind(account_id)
+            .fetch_optional(pool)
+            .await?;
+    Ok(doc.flatten().map(|d| {
+        let mut doc = d.0;
+        doc.canonicalize();
+        doc
+    }))
 }

@@ -82,7 +82,10 @@ pub async fn open_dead_letter_counts(
     only: Option<&std::collections::HashSet<String>>,
 ) -> Result<Vec<(String, i64)>> {
     let only: Option<Vec<&str>> = only.map(|o| o.iter().map(String::as_str).collect());
-    sqlx::query_as(
+    // On a session handed back before returning: the cycle's row is closed next, and would
+    // otherwise open a session of its own while this one is still on its way back.
+    let mut conn = pool.acquire().await?;
+    let counts = sqlx::query_as(
         "SELECT a.account_id, count(d.id) FROM (
              SELECT account_id FROM accounts WHERE $1::text[] IS NULL
              UNION SELECT account_id FROM dead_letters WHERE $1::text[] IS NULL
@@ -91,9 +94,10 @@ pub async fn open_dead_letter_counts(
          GROUP BY a.account_id ORDER BY a.account_id",
     )
     .bind(only)
-    .fetch_all(pool)
-    .await
-    .map_err(Into::into)
+    .fetch_all(&mut *conn)
+    .await?;
+    crate::db::hand_back(conn).await;
+    Ok(counts)
 }
 
 /// An open dead letter (or one an operator discarded), as the planner needs it.

@@ -241,8 +241,9 @@ pub async fn access(
 }
 
 /// Deletes history rows older than `days`, at most `batch` at a time, each batch its own short
-/// transaction (no long lock). Returns how many rows went: changes, then cycles (a cycle goes
-/// once none of its changes is left and it is old enough).
+/// transaction (no long lock). Returns how many rows went: changes, then cycles. A cycle goes
+/// once it ended before the cut-off, so every change it acknowledged (between its start and
+/// its end) went before it; one that never recorded its end is given a day.
 pub async fn prune(pool: &PgPool, days: u32, batch: i64) -> Result<(u64, u64)> {
     let mut gone = (0, 0);
     loop {
@@ -266,7 +267,8 @@ pub async fn prune(pool: &PgPool, days: u32, batch: i64) -> Result<(u64, u64)> {
             "DELETE FROM cycles WHERE id IN (
                 SELECT y.id FROM cycles y
                 WHERE y.started_at < now() - make_interval(days => $1)
-                  AND NOT EXISTS (SELECT 1 FROM changes c WHERE c.cycle_id = y.id)
+                  AND coalesce(y.finished_at, y.started_at + interval '1 day')
+                      < now() - make_interval(days => $1)
                 ORDER BY y.id LIMIT $2)",
         )
         .bind(days as i32)

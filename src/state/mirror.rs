@@ -272,11 +272,19 @@ pub async fn upsert_mirror(
             written = DEFAULT"
     ));
     let before = |f: fn(&Shown) -> Option<&str>| -> Vec<Option<&str>> {
-        landed.iter().map(|l| l.before.as_ref().and_then(f)).collect()
+        landed
+            .iter()
+            .map(|l| l.before.as_ref().and_then(f))
+            .collect()
     };
     bind_users(query.bind(account_id), &users)
         .bind(cycle)
-        .bind(landed.iter().map(|l| l.before.is_some()).collect::<Vec<bool>>())
+        .bind(
+            landed
+                .iter()
+                .map(|l| l.before.is_some())
+                .collect::<Vec<bool>>(),
+        )
         .bind(before(|s| s.name.as_deref()))
         .bind(before(|s| s.phone.as_deref()))
         .bind(
@@ -285,7 +293,12 @@ pub async fn upsert_mirror(
                 .map(|u| u.payload.phone.as_deref().map(crate::domain::mask_phone))
                 .collect::<Vec<Option<String>>>(),
         )
-        .bind(landed.iter().map(|l| l.cause.as_str()).collect::<Vec<&str>>())
+        .bind(
+            landed
+                .iter()
+                .map(|l| l.cause.as_str())
+                .collect::<Vec<&str>>(),
+        )
         .execute(pool)
         .await?;
     Ok(())

@@ -36,8 +36,9 @@ pub(super) struct Job<'a> {
     pub previous: Previous,
     /// The cycle the account's history rows belong to, and the cause of its changes.
     pub record: state::Record,
-    /// Users drift repair made the mirror forget (a reconcile): pushed again as repairs.
-    pub drifted: foldhash::HashSet<String>,
+    /// Users drift repair made the mirror forget (a reconcile), pushed again as repairs: what
+    /// Wazzup held of each edited one, None for one missing there.
+    pub drifted: foldhash::HashMap<String, Option<state::Shown>>,
     /// Wazzup's settings document when it drifted from the one last acknowledged (JSON).
     pub settings_found: Option<String>,
 }
@@ -66,12 +67,12 @@ impl Job<'_> {
     /// Why a record's change is made: a drift repair, a refusal sent again (by hand in a
     /// `dead-letters retry --now` cycle), or the cycle's own cause.
     pub fn cause_of(&self, entity: Entity, record_id: &str) -> state::Cause {
-        if entity == Entity::User && self.drifted.contains(record_id) {
+        if entity == Entity::User && self.drifted.contains_key(record_id) {
             return state::Cause::DriftRepair;
         }
-        let refused = self.open_of(entity).any(|d| {
-            d.kind == DeadLetterKind::Rejected && d.record_id == record_id
-        });
+        let refused = self
+            .open_of(entity)
+            .any(|d| d.kind == DeadLetterKind::Rejected && d.record_id == record_id);
         match self.record.cause {
             state::Cause::CrmChange if refused => state::Cause::Retry,
             cause => cause,
@@ -80,7 +81,11 @@ impl Job<'_> {
 
     /// What Wazzup held of a user, for its history row (None when unknown).
     pub fn shown(&self, user_id: &str) -> state::Shown {
-        self.previous.shown.get(user_id).cloned().unwrap_or_default()
+        self.previous
+            .shown
+            .get(user_id)
+            .cloned()
+            .unwrap_or_default()
     }
 }
 
@@ -175,14 +180,7 @@ impl Engine {
             waiting: super::rejections::waiting(&open, Utc::now()),
             open,
             previous,
-            record: state::Record {
-                cycle: opts.cycle_id,
-                cause: if opts.trigger == Trigger::Retry {
-                    state::Cause::Manual
-                } else {
-                    state::Cause::CrmChange
-                },
-            },
+            record: record_of(opts),
             drifted: Default::default(),
             settings_found: None,
         };
@@ -462,4 +460,17 @@ fn unremembered_rows<'n>(
                     != u.source_hash
         })
         .collect()
+}
+
+/// The history's cycle and cause for this cycle's changes: a person's `dead-letters retry --now`
+/// is manual; otherwise the CRM changed (a record's own cause can still be a retry or a repair).
+fn record_of(opts: &CycleOptions) -> state::Record {
+    state::Record {
+        cycle: opts.cycle_id,
+        cause: if opts.trigger == Trigger::Retry {
+            state::Cause::Manual
+        } else {
+            state::Cause::CrmChange
+        },
+    }
 }

@@ -102,8 +102,8 @@ impl Engine {
             }
             // The cycle's row first: every history row it writes names it.
             let trigger = opts.trigger.as_str();
-            let id = state::history::start_cycle(&self.state, &run_id, trigger, &self.instance)
-                .await?;
+            let id =
+                state::history::start_cycle(&self.state, &run_id, trigger, &self.instance).await?;
             let opts = CycleOptions {
                 cycle_id: Some(id),
                 ..opts.clone()

@@ -14,9 +14,10 @@ use crate::state::{self, AccountState, StateError};
 
 /// How drift repair went.
 enum Drift {
-    /// Repaired: the users the mirror forgot (pushed again), and Wazzup's settings document
-    /// (as JSON) when it drifted (the settings are pushed again).
-    Repaired(Vec<String>, Option<String>),
+    /// Repaired: the users the mirror forgot (pushed again), with what Wazzup held of each
+    /// edited one (None for one missing there), and Wazzup's settings document (as JSON) when
+    /// it drifted (the settings are pushed again).
+    Repaired(Vec<(String, Option<state::Shown>)>, Option<String>),
     /// Wazzup could not be read back (or pruning failed).
     Failed(ApiError),
 }
@@ -82,16 +83,21 @@ impl Engine {
             match (remote.get(uid.as_str()), desired.get(uid.as_str())) {
                 (None, _) => {
                     report.drift_missing += 1;
-                    forget.push(uid.to_string());
+                    forget.push((uid.to_string(), None));
                 }
                 (Some(r), Some(d)) if **r != d.payload && *hash == d.hash => {
                     report.drift_changed += 1;
-                    forget.push(uid.to_string());
+                    let held = state::Shown {
+                        name: Some(r.name.to_string()),
+                        phone: r.phone.as_deref().map(crate::domain::mask_phone),
+                    };
+                    forget.push((uid.to_string(), Some(held)));
                 }
                 _ => {}
             }
         }
-        state::delete_mirror(&self.state, job.id(), &forget, None).await?;
+        let ids: Vec<String> = forget.iter().map(|(id, _)| id.clone()).collect();
+        state::delete_mirror(&self.state, job.id(), &ids, None).await?;
         let mut unknown: Vec<String> = remote
             .keys()
             .filter(|u| {

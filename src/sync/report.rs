@@ -281,3 +281,11 @@ pub fn changes_recorded(action: &str, n: u64) {
             .increment(n);
     }
 }
+
+/// Counts history rows that gave someone more access (`wazzup_sync_access_widened_total{action}`).
+pub fn access_widened(action: &str, n: u64) {
+    if n > 0 {
+        metrics::counter!("wazzup_sync_access_widened_total", "action" => action.to_string())
+            .increment(n);
+    }
+}

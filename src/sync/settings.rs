@@ -6,7 +6,9 @@ use wazzup_api::{ApiError, Bytes};
 use super::account::Job;
 use super::report::AccountReport;
 use super::{Engine, Stop};
-use crate::domain::{CrmText, Entity, Mirror, SettingsDocRef, content_hash, mask_digits};
+use crate::domain::{
+    CrmText, Entity, Mirror, SettingsDoc, SettingsDocRef, content_hash, mask_digits,
+};
 use crate::plan::{self, SETTINGS_RECORD};
 use crate::state::{self, AccountState, RemoteRejection, Resolution, StateError};
 
@@ -44,7 +46,9 @@ impl Engine {
             } else if self.stopping() {
                 stop = Some(Stop::Shutdown);
             } else {
-                stop = self.push_settings(job, &doc, json, &hash, report).await?;
+                stop = self
+                    .push_settings(job, &doc, (json, &hash), last, report)
+                    .await?;
                 if report.settings_pushed {
                     last.settings_hash = Some(hash.clone());
                 }
@@ -68,30 +72,99 @@ impl Engine {
         Ok(stop)
     }
 
-    /// `PATCH /v2/settings`; a refusal is a dead letter for the whole document.
+    /// Records the document Wazzup acknowledged with its history rows: what changed from the
+    /// one it held. That one is `held` when at hand (found by a reconcile, or loaded with the
+    /// account); otherwise, from its `outline` (read as the account opened, or now), only the
+    /// rows whose hashes differ are read back; a document saved before the hashes were kept is
+    /// read whole.
+    async fn record_settings(
+        &self,
+        job: &Job<'_>,
+        doc: &SettingsDocRef<'_>,
+        (text, hash): (&str, &str),
+        (held, outline): (Option<&SettingsDoc>, Option<&state::AcknowledgedOutline>),
+        cause: state::Cause,
+    ) -> Result<(), StateError> {
+        let hashes: Vec<i64> = doc.user_roles.iter().map(|r| plan::role_hash(r)).collect();
+        let outline = match (held, outline) {
+            (Some(_), _) => None,
+            (None, Some(o)) => Some(o.clone()),
+            (None, None) => state::acknowledged_outline(&self.state, job.id()).await?,
+        };
+        let whole = match &outline {
+            Some(o) if o.role_hashes.is_none() => {
+                state::acknowledged_settings(&self.state, job.id()).await?
+            }
+            _ => None,
+        };
+        let held = held.or(whole.as_ref());
+        let (gone, added) = match outline.as_ref().and_then(|o| o.role_hashes.as_deref()) {
+            Some(old) => plan::changed_rows(old, &hashes),
+            None => (Vec::new(), Vec::new()),
+        };
+        let gone = state::acknowledged_roles_at(&self.state, job.id(), &gone).await?;
+        let (before, after) = match (held, &outline) {
+            (Some(held), _) => (Some(held.view()), doc.clone()),
+            (None, Some(o)) => (
+                // Only the rows that differ, on each side; the phones and the flag whole.
+                Some(SettingsDocRef {
+                    user_roles: gone.iter().collect(),
+                    hide_phone_numbers_for_user_ids: o.hidden.iter().map(String::as_str).collect(),
+                    push_input_output_message_events_for_managers: o.push,
+                }),
+                SettingsDocRef {
+                    user_roles: added.iter().map(|&i| doc.user_roles[i]).collect(),
+                    ..doc.clone()
+                },
+            ),
+            (None, None) => (None, doc.clone()),
+        };
+        let diff = plan::doc_diff(before.as_ref(), &after);
+        let record = (job.record.cycle, cause);
+        let written =
+            state::save_settings(&self.state, job.id(), (text, hash, &hashes), &diff, record);
+        for (action, widens, n) in written.await? {
+            super::report::changes_recorded(&action, n as u64);
+            if widens {
+                super::report::access_widened(&action, n as u64);
+            }
+        }
+        Ok(())
+    }
+
+    /// `PATCH /v2/settings`; a refusal is a dead letter for the whole document. Once Wazzup
+    /// acknowledged it, the document is recorded with what changed from the one it held.
     async fn push_settings(
         &self,
         job: &Job<'_>,
         doc: &SettingsDocRef<'_>,
-        json: Bytes,
-        hash: &str,
+        (json, hash): (Bytes, &str),
+        last: &AccountState,
         report: &mut AccountReport,
     ) -> Result<Option<Stop>, StateError> {
         let sent = self.client.patch_settings(&job.api, json.clone()).await;
         let (status, code, description) = match sent {
             Ok(()) => {
                 let text = std::str::from_utf8(&json).expect("JSON is UTF-8");
-                let cause = match &job.settings_found {
+                // Compared with what Wazzup held: as found by a reconcile (before this
+                // cycle's first push), or else as last acknowledged.
+                let found = job
+                    .settings_found
+                    .as_deref()
+                    .filter(|_| !report.settings_pushed);
+                let cause = match found {
                     Some(_) => state::Cause::DriftRepair,
                     None => job.cause_of(Entity::Settings, SETTINGS_RECORD),
                 };
-                let found = job.settings_found.as_deref();
-                let record = (job.record.cycle, cause);
-                let written =
-                    state::save_settings(&self.state, job.id(), (text, hash), found, record);
-                for (action, n) in written.await? {
-                    super::report::changes_recorded(&action, n as u64);
-                }
+                let found = found.and_then(|json| serde_json::from_str::<SettingsDoc>(json).ok());
+                // What was read as the account opened is what Wazzup holds until this cycle
+                // pushes a document.
+                let first = !report.settings_pushed;
+                let loaded = last.settings_doc.as_ref().filter(|_| first);
+                let outline = last.settings_outline.as_ref().filter(|_| first);
+                let held = found.as_ref().or(loaded);
+                self.record_settings(job, doc, (text, hash), (held, outline), cause)
+                    .await?;
                 report.settings_pushed = true;
                 return Ok(None);
             }

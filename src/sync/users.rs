@@ -152,8 +152,7 @@ impl Engine {
             .copied()
             .filter(|u| landed.contains(u.payload.id.as_str()))
             .collect();
-        self.push_round(job, restore, push, in_mirror, report)
-            .await
+        self.push_round(job, restore, push, in_mirror, report).await
     }
 
     /// One round: its users in batches, through [`Self::push_users`].
@@ -354,12 +353,14 @@ impl Engine {
             .iter()
             .map(|u| {
                 let id = u.payload.id.as_str();
-                let before = match interim.get(id) {
-                    Some(name) => Some(state::Shown {
+                let before = match (interim.get(id), job.drifted.get(id)) {
+                    (Some(name), _) => Some(state::Shown {
                         name: Some(name.to_string()),
                         phone: None,
                     }),
-                    None => push.known.contains(id).then(|| job.shown(id)),
+                    // Put back after an edit in Wazzup: what Wazzup held.
+                    (None, Some(held)) => held.clone(),
+                    (None, None) => push.known.contains(id).then(|| job.shown(id)),
                 };
                 state::Landed {
                     user: u,

@@ -159,5 +159,8 @@ async fn explain_asks_for_the_account_when_the_id_is_in_two() {
     );
     let e = explain_json(&env, &["u1", "--account", "a2"]).await;
     assert_eq!(e["account_id"], "a2");
-    assert_eq!(e["next_cycle"][0]["action"], "create", "not synced yet");
+    assert_eq!(
+        e["next_cycle"][0]["action"], "user_created",
+        "not synced yet"
+    );
 }

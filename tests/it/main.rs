@@ -15,6 +15,7 @@ mod container;
 mod convergence;
 mod deploy;
 mod explain;
+mod history;
 mod moves;
 mod notified;
 mod operations;

@@ -49,18 +49,18 @@ async fn plan_detail_lists_each_record_and_marks_only_changes_that_widen_access(
     // Before the first sync: everyone would be created; new manager and auditor rows widen.
     let plan = plan_json(&env).await;
     let u1 = records_of(&plan, "u1");
-    let create = action(&u1, "create");
+    let create = action(&u1, "user_created");
     assert_eq!(create["account_id"], "a1");
     assert_eq!(create["name"], "User u1");
     assert_eq!(create["phone"], "371 *** *01", "phones are masked");
     assert!(create.get("widens_access").is_none());
-    assert!(action(&u1, "role_added").get("widens_access").is_none());
+    assert!(action(&u1, "role_granted").get("widens_access").is_none());
     assert_eq!(
-        action(&records_of(&plan, "u5"), "role_added")["widens_access"],
+        action(&records_of(&plan, "u5"), "role_granted")["widens_access"],
         true
     );
     assert_eq!(
-        action(&records_of(&plan, "u6"), "role_added")["widens_access"],
+        action(&records_of(&plan, "u6"), "role_granted")["widens_access"],
         true
     );
     assert!(
@@ -91,7 +91,7 @@ async fn plan_detail_lists_each_record_and_marks_only_changes_that_widen_access(
 
     let u1 = records_of(&plan, "u1");
     assert_eq!(
-        action(&u1, "update")["changes"],
+        action(&u1, "user_updated")["changes"],
         serde_json::json!({"name": {"from": "User u1", "to": "Renamed"}})
     );
     let changed = action(&u1, "role_changed");
@@ -100,24 +100,24 @@ async fn plan_detail_lists_each_record_and_marks_only_changes_that_widen_access(
     assert_eq!(changed["widens_access"], true);
     let u2 = records_of(&plan, "u2");
     assert_eq!(
-        action(&u2, "update")["changes"],
+        action(&u2, "user_updated")["changes"],
         serde_json::json!({"phone": {"from": "371 *** *02", "to": "371 *** *09"}})
     );
     assert_eq!(
-        action(&u2, "role_changed")["widens_access"],
+        action(&u2, "new_clients_on")["widens_access"],
         true,
         "new clients turned on"
     );
     let u3 = records_of(&plan, "u3");
-    action(&u3, "delete");
-    assert!(action(&u3, "role_removed").get("widens_access").is_none());
+    action(&u3, "user_deleted");
+    assert!(action(&u3, "role_revoked").get("widens_access").is_none());
     let u4 = records_of(&plan, "u4");
-    assert!(u4.iter().any(|r| r["action"] == "role_added"
+    assert!(u4.iter().any(|r| r["action"] == "role_granted"
         && r["channel_id"] == "ch-2"
         && r["widens_access"] == true));
     assert!(
         u4.iter()
-            .any(|r| r["action"] == "role_changed" && r.get("widens_access").is_none()),
+            .any(|r| r["action"] == "new_clients_off" && r.get("widens_access").is_none()),
         "new clients turned off narrows: {u4:?}"
     );
     assert!(
@@ -149,12 +149,12 @@ async fn plan_detail_lists_each_record_and_marks_only_changes_that_widen_access(
             .unwrap_or_else(|| panic!("no {action} line for {user} in\n{table}"))
             .to_string()
     };
-    assert!(line("u1", "role changed").contains("seller -> manager"));
-    assert!(line("u1", "role changed").contains("[WIDENS ACCESS]"));
-    assert!(!line("u5", "role changed").contains("WIDENS"));
-    assert!(line("u2", "update").contains("371 *** *02"));
+    assert!(line("u1", "role_changed").contains("seller -> manager"));
+    assert!(line("u1", "role_changed").contains("[WIDENS ACCESS]"));
+    assert!(!line("u5", "role_changed").contains("WIDENS"));
+    assert!(line("u2", "user_updated").contains("371 *** *02"));
     assert!(!table.contains("37126000009"), "no full phone in\n{table}");
-    assert!(line("u3", "delete").contains("a1"));
+    assert!(line("u3", "user_deleted").contains("a1"));
 }
 
 #[tokio::test]

@@ -420,16 +420,17 @@ fn process_cpu(pid: u32) -> Duration {
 }
 
 /// The PostgreSQL processes' CPU over a window.
-struct ServerCpu {
+pub(crate) struct ServerCpu {
     crm: Duration,
     state: Duration,
-    server: Duration,
+    /// Every `postgres` process: the daemon's backends, the WAL writer, the checkpointer….
+    pub(crate) server: Duration,
 }
 
 /// Samples the server's processes every 100 ms: the daemon's backends (by database) and every
 /// `postgres` process. A process's CPU counts from its first sample (or from 0 when it started
 /// during the window) to its last.
-struct CpuSampler {
+pub(crate) struct CpuSampler {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<ServerCpu>,
 }
@@ -441,7 +442,7 @@ struct Seen {
 }
 
 impl CpuSampler {
-    fn start(pool: PgPool, crm_db: String, state_db: String) -> Self {
+    pub(crate) fn start(pool: PgPool, crm_db: String, state_db: String) -> Self {
         let (stop, mut stopped) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             let mut daemon: HashMap<u32, (String, Seen)> = HashMap::new();
@@ -497,7 +498,7 @@ impl CpuSampler {
         Self { stop, task }
     }
 
-    async fn stop(self) -> ServerCpu {
+    pub(crate) async fn stop(self) -> ServerCpu {
         let _ = self.stop.send(());
         self.task.await.unwrap_or(ServerCpu {
             crm: Duration::ZERO,

@@ -80,6 +80,8 @@ struct Run {
     wall: Duration,
     /// The daemon's user + system CPU time.
     cpu: Duration,
+    /// The PostgreSQL server's (CRM and state are one server here).
+    server_cpu: Duration,
     peak_rss_kib: u64,
 }
 
@@ -120,8 +122,9 @@ fn daemon_path(args: &Args) -> PathBuf {
 }
 
 /// Runs one `wazzup-sync sync`, polling its peak resident memory (VmHWM) while it runs, and
-/// measuring its CPU time.
-async fn run_daemon(args: &Args, env: &[(String, String)]) -> anyhow::Result<Run> {
+/// measuring its CPU time and the database server's.
+async fn run_daemon(args: &Args, pool: &PgPool, env: &[(String, String)]) -> anyhow::Result<Run> {
+    let sampler = lag::CpuSampler::start(pool.clone(), String::new(), String::new());
     let cpu_before = children_cpu();
     let started = Instant::now();
     let mut command = match &args.wrap {
@@ -158,10 +161,14 @@ async fn run_daemon(args: &Args, env: &[(String, String)]) -> anyhow::Result<Run
         tokio::select! {
             status = child.wait() => {
                 let status = status?;
+                let wall = started.elapsed();
+                let cpu = children_cpu().saturating_sub(cpu_before);
+                let server = sampler.stop().await;
                 anyhow::ensure!(status.success(), "wazzup-sync sync failed: {status}");
                 return Ok(Run {
-                    wall: started.elapsed(),
-                    cpu: children_cpu().saturating_sub(cpu_before),
+                    wall,
+                    cpu,
+                    server_cpu: server.server,
                     peak_rss_kib: peak,
                 });
             }
@@ -382,7 +389,7 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     let mut phases = Vec::new();
 
     eprintln!("Cold sync...");
-    let run = run_daemon(args, &env).await?;
+    let run = run_daemon(args, &pool, &env).await?;
     let cold_floor = args.accounts * (args.users.div_ceil(100) + 1);
     phases.push(Phase {
         name: "cold sync",
@@ -394,7 +401,7 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
 
     eprintln!("No-change cycle...");
     sim.clear_requests();
-    let run = run_daemon(args, &env).await?;
+    let run = run_daemon(args, &pool, &env).await?;
     phases.push(Phase {
         name: "no-change cycle",
         run,
@@ -407,7 +414,7 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     eprintln!("1 % change cycle...");
     let floor = change_one_percent(&pool, args).await?;
     sim.clear_requests();
-    let run = run_daemon(args, &env).await?;
+    let run = run_daemon(args, &pool, &env).await?;
     phases.push(Phase {
         name: "1 % change cycle",
         run,
@@ -434,7 +441,7 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
     let latency = if args.no_latency {
         String::new()
     } else {
-        latency_phase(args, &env).await?
+        latency_phase(args, &pool, &env).await?
     };
     pool.close().await;
     let lag = if args.no_lag {
@@ -488,13 +495,13 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
 /// The phases as a Markdown table: wall, daemon CPU, CPU per user, requests, memory.
 fn table(phases: &[Phase]) -> String {
     let mut t = String::from(
-        "| phase | wall | daemon CPU (user+sys) | CPU per user | users/s | requests | request floor | daemon peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| phase | wall | daemon CPU (user+sys) | CPU per user | database server CPU | users/s | requests | request floor | daemon peak RSS |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for p in phases {
         let measured = p.floor.is_some();
         let cell = |show: bool, v: String| if show { v } else { String::new() };
         t.push_str(&format!(
-            "| {} | {:.2} s | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {:.2} s | {} | {} | {} | {} | {} | {} | {} |\n",
             p.name,
             p.run.wall.as_secs_f64(),
             cell(measured, format!("{:.2} s", p.run.cpu.as_secs_f64())),
@@ -505,6 +512,7 @@ fn table(phases: &[Phase]) -> String {
                     p.run.cpu.as_secs_f64() * 1e6 / p.users.max(1) as f64
                 )
             ),
+            cell(measured, format!("{:.2} s", p.run.server_cpu.as_secs_f64())),
             cell(
                 p.name == "cold sync",
                 format!("{:.0}", p.users as f64 / p.run.wall.as_secs_f64())
@@ -523,7 +531,11 @@ fn table(phases: &[Phase]) -> String {
 /// A cold sync into a simulator that delays every answer, as the real API across the
 /// internet does: wall time and the requests in flight (default settings, a state schema of
 /// its own).
-async fn latency_phase(args: &Args, env: &[(String, String)]) -> anyhow::Result<String> {
+async fn latency_phase(
+    args: &Args,
+    pool: &PgPool,
+    env: &[(String, String)],
+) -> anyhow::Result<String> {
     eprintln!("Cold sync with {} ms of API latency...", args.latency_ms);
     let sim = Simulator::start("127.0.0.1:0", true).await?;
     sim.set_latency(args.latency_ms);
@@ -537,7 +549,7 @@ async fn latency_phase(args: &Args, env: &[(String, String)]) -> anyhow::Result<
         "WAZZUP_SYNC__STATE__SCHEMA".into(),
         "wazzup_sync_latency".into(),
     ));
-    let run = run_daemon(args, &env).await?;
+    let run = run_daemon(args, pool, &env).await?;
     let flight = sim.in_flight();
     Ok(format!(
         "Cold sync with {} ms of API latency (after the 1 % change: {} requests): {:.2} s wall, {:.2} s daemon CPU; requests in flight: peak {}, mean {:.1}.\n\n",

@@ -71,6 +71,20 @@ impl SettingsDoc {
         sort_dedup(&mut self.user_roles);
         sort_dedup(&mut self.hide_phone_numbers_for_user_ids);
     }
+
+    /// The same document, borrowed.
+    pub fn view(&self) -> SettingsDocRef<'_> {
+        SettingsDocRef {
+            user_roles: self.user_roles.iter().collect(),
+            hide_phone_numbers_for_user_ids: self
+                .hide_phone_numbers_for_user_ids
+                .iter()
+                .map(String::as_str)
+                .collect(),
+            push_input_output_message_events_for_managers: self
+                .push_input_output_message_events_for_managers,
+        }
+    }
 }
 
 fn sort_dedup<T: Ord>(list: &mut Vec<T>) {

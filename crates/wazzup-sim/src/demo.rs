@@ -51,7 +51,9 @@ pub async fn seed_sample(pool: &PgPool, accounts: usize, users: usize) -> anyhow
     pool.execute(
         "INSERT INTO channel_access (employee_id, channel_uuid, crm_role, gets_new_leads)
          SELECT e.id, md5('channel-' || e.company_id || '-' || ch)::uuid::text,
-                (ARRAY['Manager', 'Supervisor', 'Quality Control'])[1 + e.id % 3], e.id % 2 = 0
+                CASE WHEN e.id % 50 = 0 THEN 'Supervisor' WHEN e.id % 10 = 3 THEN 'Quality Control'
+                     ELSE 'Manager' END,
+                e.id % 2 = 0
          FROM employees e, generate_series(1, 2) ch;
          -- Rows a real CRM has: no name, a phone someone else has, a role nobody knows.
          INSERT INTO employees (company_id, full_name, mobile) VALUES (1, '   ', NULL);
@@ -101,6 +103,12 @@ pub async fn run(opts: &DemoOptions) -> anyhow::Result<()> {
     cycle("Nothing changed").await?;
 
     print_outcome(&crm, &sim).await?;
+    for args in [
+        &["history", "--account", "1", "--limit", "5"][..],
+        &["access", "--account", "1", "--role", "manager"][..],
+    ] {
+        print_command(opts, url.as_str(), args).await?;
+    }
     crm.close().await;
     if opts.keep {
         println!("The demo database {DEMO_DB} is kept for you to look at.");
@@ -185,6 +193,27 @@ async fn sync_cycle(
         out.status.success(),
         "wazzup-sync sync exited with {}",
         out.status
+    );
+    Ok(())
+}
+
+/// Runs a read-only command of the daemon over the demo's state, and prints it with its output.
+async fn print_command(opts: &DemoOptions, crm_url: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = tokio::process::Command::new(&opts.daemon)
+        .args(args)
+        .env("WAZZUP_SYNC__SOURCE__URL", crm_url)
+        .env("WAZZUP_SYNC__LOG__LEVEL", "warn")
+        .output()
+        .await
+        .context("Failed to run wazzup-sync")?;
+    println!("$ wazzup-sync {}", args.join(" "));
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    anyhow::ensure!(
+        out.status.success(),
+        "wazzup-sync {} exited with {}: {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
     );
     Ok(())
 }

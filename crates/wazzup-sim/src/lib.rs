@@ -94,6 +94,9 @@ pub enum Fault {
     Delay { ms: u64 },
     /// Apply nothing; start a 200 answer and break the connection in the middle of the body.
     Drop,
+    /// Apply the request, then start a 200 answer and break the connection in the middle of
+    /// the body: Wazzup did it, but the client cannot know.
+    AppliedDrop,
 }
 
 /// The fault switchboard.
@@ -592,24 +595,33 @@ async fn apply_fault(fault: &Option<Fault>) -> Option<Response> {
             }
             Some(resp)
         }
-        Some(Fault::Drop) => {
-            let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
-                Ok(Bytes::from_static(b"{\"data\": {\"proc")),
-                Err(std::io::Error::other("connection dropped")),
-            ];
-            Some(
-                Response::builder()
-                    .status(StatusCode::OK)
-                    .header(header::CONTENT_TYPE, "application/json")
-                    .body(axum::body::Body::from_stream(futures::stream::iter(chunks)))
-                    .expect("response"),
-            )
-        }
+        Some(Fault::Drop) => Some(dropped()),
         Some(Fault::Delay { ms }) => {
             tokio::time::sleep(Duration::from_millis(*ms)).await;
             None
         }
         _ => None,
+    }
+}
+
+/// A 200 answer whose body breaks off in the middle.
+fn dropped() -> Response {
+    let chunks: Vec<Result<Bytes, std::io::Error>> = vec![
+        Ok(Bytes::from_static(b"{\"data\": {\"proc")),
+        Err(std::io::Error::other("connection dropped")),
+    ];
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(axum::body::Body::from_stream(futures::stream::iter(chunks)))
+        .expect("response")
+}
+
+/// The answer given, or a broken one when the fault says to apply and then break it.
+fn answer(resp: Response, fault: &Option<Fault>) -> Response {
+    match fault {
+        Some(Fault::AppliedDrop) if resp.status().is_success() => dropped(),
+        _ => resp,
     }
 }
 
@@ -649,7 +661,7 @@ async fn users_post(
     }
     let resp = apply_users(&state, &token, users, &fault, method == Method::PATCH);
     set_status(&state, resp.status().as_u16());
-    resp
+    answer(resp, &fault)
 }
 
 fn apply_users(
@@ -923,7 +935,7 @@ async fn users_delete(
         }
     };
     set_status(&state, resp.status().as_u16());
-    resp
+    answer(resp, &fault)
 }
 
 async fn settings_get(State(state): State<Shared>, method: Method, headers: HeaderMap) -> Response {
@@ -997,7 +1009,7 @@ async fn settings_patch(
         }
     };
     set_status(&state, resp.status().as_u16());
-    resp
+    answer(resp, &fault)
 }
 
 async fn sim_state(State(state): State<Shared>) -> Response {
