@@ -109,6 +109,11 @@ pub struct SyncSettings {
     pub prune_unknown: bool,
     pub listen_channel: String,
     pub shutdown_grace_secs: u64,
+    /// Hold every change that widens access until a person approves it.
+    pub hold_widening: bool,
+    /// How long a user who left the CRM stays in Wazzup, without access, before it is
+    /// deleted (`24h`, `90m`, `0s`); see [`Settings::delete_grace`].
+    pub delete_grace: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -267,6 +272,12 @@ impl Settings {
         validate_cron(&s.sync.schedule).map_err(|e| bad("SYNC__SCHEDULE", &e))?;
         validate_cron(&s.sync.reconcile_schedule)
             .map_err(|e| bad("SYNC__RECONCILE_SCHEDULE", &e))?;
+        if parse_duration(&s.sync.delete_grace).is_none() {
+            return Err(bad(
+                "SYNC__DELETE_GRACE",
+                "must be a duration such as 24h, 90m, 7d or 0s",
+            ));
+        }
         if !s.sync.listen_channel.is_empty() && !is_identifier(&s.sync.listen_channel) {
             return Err(bad(
                 "SYNC__LISTEN_CHANNEL",
@@ -313,6 +324,11 @@ impl Settings {
         self.wazzup_base_url()
             .map(|u| u.scheme() == "http" && !is_loopback(&u))
             .unwrap_or(false)
+    }
+
+    /// How long a user who left the CRM keeps its Wazzup user (checked at start-up).
+    pub fn delete_grace(&self) -> std::time::Duration {
+        parse_duration(&self.sync.delete_grace).unwrap_or_default()
     }
 
     /// This process's name in the history: `instance`, or `host:pid`.
@@ -484,6 +500,34 @@ pub fn cron_period(expr: &str) -> Option<std::time::Duration> {
 }
 
 /// Checks a six-field cron expression (with seconds).
+/// A duration written as numbers with units, `s`, `m`, `h`, `d` or `w`, one after another:
+/// `24h`, `90m`, `1h30m`, `0s`. None for anything else (a bare number too).
+pub fn parse_duration(text: &str) -> Option<std::time::Duration> {
+    let mut rest = text.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let mut total: u64 = 0;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit())?;
+        if digits == 0 {
+            return None;
+        }
+        let n: u64 = rest[..digits].parse().ok()?;
+        let unit = match rest[digits..].chars().next()? {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            'w' => 604_800,
+            _ => return None,
+        };
+        total = total.checked_add(n.checked_mul(unit)?)?;
+        rest = &rest[digits + 1..];
+    }
+    Some(std::time::Duration::from_secs(total))
+}
+
 pub fn validate_cron(expr: &str) -> Result<(), String> {
     if expr.split_whitespace().count() != 6 {
         return Err(format!(

@@ -57,6 +57,9 @@ enum Command {
     /// List, retry or discard the records that were refused.
     #[command(name = "dead-letters", subcommand)]
     DeadLetters(DeadLetterCommand),
+    /// The changes held until a person decides: list, approve, reject.
+    #[command(subcommand)]
+    Approvals(ApprovalCommand),
     /// The record of every change Wazzup acknowledged, newest first. Read-only.
     History {
         /// Only this user's changes.
@@ -108,6 +111,50 @@ enum Command {
         #[arg(long, default_value = "table", value_parser = ["table", "json"])]
         format: String,
     },
+}
+
+#[derive(Subcommand)]
+enum ApprovalCommand {
+    /// The open approvals, oldest first: what waits, why, and what was decided.
+    List {
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+        format: String,
+    },
+    /// Let held changes go out in the next cycle (a running daemon starts it at once).
+    Approve(DecideFlags),
+    /// Keep held changes out until their CRM content changes.
+    Reject(DecideFlags),
+}
+
+#[derive(clap::Args)]
+struct DecideFlags {
+    /// The approvals' ids (see `approvals list`).
+    ids: Vec<String>,
+    /// With --all: every waiting approval of this account.
+    #[arg(long)]
+    account: Option<String>,
+    #[arg(long)]
+    all: bool,
+    /// Who decides (required; recorded in the history).
+    #[arg(long)]
+    by: Option<String>,
+    /// Why, recorded in the history.
+    #[arg(long)]
+    note: Option<String>,
+}
+
+impl From<DecideFlags> for commands::approvals::DecideArgs {
+    fn from(f: DecideFlags) -> Self {
+        Self {
+            ids: f.ids,
+            account: f.account,
+            all: f.all,
+            by: f.by,
+            note: f.note,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -238,6 +285,21 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
                 .map(|()| ExitCode::SUCCESS)
         }
         Command::DeadLetters(cmd) => dead_letters_command(cmd, settings).await,
+        Command::Approvals(cmd) => {
+            use commands::approvals::{run_decide, run_list};
+            use wazzup_sync::state::approvals::Decision;
+            match cmd {
+                ApprovalCommand::List { account, format } => {
+                    run_list(settings, account, format == "json").await
+                }
+                ApprovalCommand::Approve(f) => {
+                    run_decide(settings, Decision::Approve, f.into()).await
+                }
+                ApprovalCommand::Reject(f) => {
+                    run_decide(settings, Decision::Reject, f.into()).await
+                }
+            }
+        }
         Command::History { .. } | Command::Access { .. } => {
             history_command(command, settings).await
         }

@@ -139,6 +139,11 @@ pub fn register_metrics() {
     for action in ["role_granted", "role_changed", "new_clients_on"] {
         metrics::counter!("wazzup_sync_access_widened_total", "action" => action).increment(0);
     }
+    for reason in ["widens_access", "mass_delete", "mass_leave"] {
+        metrics::gauge!("wazzup_sync_approvals_waiting", "reason" => reason).set(0.0);
+    }
+    metrics::gauge!("wazzup_sync_approvals_oldest_waiting_seconds").set(0.0);
+    metrics::gauge!("wazzup_sync_users_in_grace").set(0.0);
     metrics::counter!("wazzup_sync_retries_total").increment(0);
     metrics::gauge!("wazzup_sync_accounts_auth_failed").set(0.0);
     metrics::gauge!("wazzup_sync_ready").set(0.0);

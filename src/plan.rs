@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use chrono::{DateTime, Utc};
+
 use serde::Serialize;
 
 use crate::domain::{
@@ -37,6 +39,27 @@ pub struct UserPlan<'a> {
     pub held_deletes: Vec<String>,
     /// Deletions refused by Wazzup earlier and not yet due again.
     pub deletes_waiting: usize,
+    /// Users who left the CRM and stay in Wazzup, without access, until their grace ends:
+    /// (user, when it is deleted). Those who left this cycle are in `new_leavers` too.
+    pub leaving: Vec<(String, DateTime<Utc>)>,
+    pub new_leavers: Vec<String>,
+    /// Users the CRM returns again within their grace.
+    pub returned: Vec<String>,
+    /// Leavers held back by the guard (too many at once): (would leave, users mirrored), and
+    /// who they are. Nothing of theirs changes.
+    pub leave_blocked: Option<(usize, usize)>,
+    pub held_leavers: Vec<String>,
+    /// Deletions or leavings over the guard that its allow flag let through.
+    pub released: bool,
+}
+
+/// Users who left the CRM: when each left, and how long they stay in Wazzup after (zero:
+/// deleted at once).
+#[derive(Debug, Clone, Copy)]
+pub struct Departures<'a> {
+    pub left: &'a HashMap<String, DateTime<Utc>>,
+    pub grace: chrono::Duration,
+    pub now: DateTime<Utc>,
 }
 
 /// Records Wazzup refused earlier that are not due again (or that an operator discarded):
@@ -51,14 +74,16 @@ pub fn is_waiting(waiting: &Waiting, entity: Entity, id: &str, hash: &str) -> bo
         .is_some_and(|h| h.as_deref() == Some(hash))
 }
 
-/// Diffs the valid users against the mirror and the open dead letters.
+/// Diffs the valid users against the mirror and the open dead letters. Users the CRM no
+/// longer returns leave (`departures`): deleted at once without a grace, else kept until it
+/// ends.
 pub fn plan_users<'a>(
     norm: &'a Normalized,
     mirror: &Mirror,
-    pending: &HashSet<String>,
-    waiting: &Waiting,
+    (pending, waiting): (&HashSet<String>, &Waiting),
     delete_missing: bool,
     guard: DeleteGuard,
+    departures: Departures<'_>,
 ) -> UserPlan<'a> {
     let mut plan = UserPlan::default();
     for u in &norm.users {
@@ -99,26 +124,79 @@ pub fn plan_users<'a>(
                 .iter()
                 .filter(|p| !mirror.contains_key(p.as_str()))
                 .count();
-        let too_many = deletes.len() > guard.min
-            && (deletes.len() as u128) * 100 > (synced as u128) * guard.max_percent as u128;
-        if too_many && !guard.allowed {
+        if departures.grace > chrono::Duration::zero() {
+            plan_departures(&mut plan, deletes, mirror, synced, guard, departures);
+        } else if guard.over(deletes.len(), synced) && guard.allowed {
+            plan.released = true;
+            plan.deletes = deletes;
+        } else if guard.too_many(deletes.len(), synced) {
             plan.deletes_blocked = Some((deletes.len(), synced));
             plan.held_deletes = deletes;
         } else {
             plan.deletes = deletes;
         }
+        plan.returned = norm
+            .users
+            .iter()
+            .filter(|u| departures.left.contains_key(u.payload.id.as_str()))
+            .map(|u| u.payload.id.to_string())
+            .collect();
     }
     plan
+}
+
+impl DeleteGuard {
+    /// More of the account's `synced` users than the guard lets go at once, and not allowed.
+    pub fn too_many(&self, going: usize, synced: usize) -> bool {
+        !self.allowed && self.over(going, synced)
+    }
+
+    /// More than the guard's share, allowed or not.
+    pub fn over(&self, going: usize, synced: usize) -> bool {
+        going > self.min && (going as u128) * 100 > (synced as u128) * self.max_percent as u128
+    }
+}
+
+/// With a grace: users the CRM no longer returns stay in Wazzup until it ends, then go; users
+/// never acknowledged go at once. Too many leaving at once are held, all of them.
+fn plan_departures(
+    plan: &mut UserPlan<'_>,
+    gone: Vec<String>,
+    mirror: &Mirror,
+    synced: usize,
+    guard: DeleteGuard,
+    d: Departures<'_>,
+) {
+    let mut fresh = Vec::new();
+    for id in gone {
+        match d.left.get(&id) {
+            _ if !mirror.contains_key(id.as_str()) => plan.deletes.push(id),
+            Some(left) if *left + d.grace <= d.now => plan.deletes.push(id),
+            Some(left) => plan.leaving.push((id, *left + d.grace)),
+            None => fresh.push(id),
+        }
+    }
+    if guard.too_many(fresh.len(), synced) {
+        plan.leave_blocked = Some((fresh.len(), synced));
+        plan.held_leavers = fresh;
+    } else {
+        plan.released = guard.over(fresh.len(), synced);
+        plan.leaving
+            .extend(fresh.iter().map(|id| (id.clone(), d.now + d.grace)));
+        plan.new_leavers = fresh;
+    }
+    plan.leaving.sort();
 }
 
 /// The account's settings document over the users that are in Wazzup.
 ///
 /// A user refused locally but still in Wazzup keeps the roles it was last synced with,
-/// so a broken CRM row never silently strips someone's access.
+/// so a broken CRM row never silently strips someone's access; so does a user whose leaving
+/// the guard holds back (`held`).
 pub fn settings_doc<'a>(
     norm: &'a Normalized,
     in_wazzup: &foldhash::HashSet<&str>,
-    previous: Option<&'a SettingsDoc>,
+    (previous, held): (Option<&'a SettingsDoc>, &[String]),
     push_events_for_managers: bool,
 ) -> SettingsDocRef<'a> {
     let mut doc = SettingsDocRef {
@@ -136,7 +214,10 @@ pub fn settings_doc<'a>(
         push_input_output_message_events_for_managers: push_events_for_managers,
     };
     if let Some(prev) = previous {
-        let kept = |id: &str| norm.rejected_user_ids.contains(id) && in_wazzup.contains(id);
+        let held: HashSet<&str> = held.iter().map(String::as_str).collect();
+        let kept = |id: &str| {
+            (norm.rejected_user_ids.contains(id) || held.contains(id)) && in_wazzup.contains(id)
+        };
         doc.user_roles
             .extend(prev.user_roles.iter().filter(|r| kept(&r.user_id)));
         doc.hide_phone_numbers_for_user_ids.extend(
@@ -200,7 +281,8 @@ pub struct FieldChange {
 }
 
 /// What changes, by kind of record. The names (the `action` of `plan --detail`) are those of
-/// the history's rows (`changes.action`); `delete_held` and `unreadable_phone` only plan.
+/// the history's rows (`changes.action`); `delete_held`, `leaving`, `leave_held` and
+/// `unreadable_phone` only plan.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum Change {
@@ -215,6 +297,12 @@ pub enum Change {
     UserDeleted,
     /// A deletion the mass-deletion guard holds back.
     DeleteHeld,
+    /// Left the CRM: its access is revoked, and its user deleted from Wazzup at `delete_at`.
+    Leaving {
+        delete_at: DateTime<Utc>,
+    },
+    /// A leaving the guard holds back (too many at once): nothing of the user changes.
+    LeaveHeld,
     RoleGranted {
         channel_id: String,
         #[serde(flatten)]
@@ -269,6 +357,8 @@ impl Change {
             Change::UserUpdated { .. } => "user_updated",
             Change::UserDeleted => "user_deleted",
             Change::DeleteHeld => "delete_held",
+            Change::Leaving { .. } => "leaving",
+            Change::LeaveHeld => "leave_held",
             Change::RoleGranted { .. } => "role_granted",
             Change::RoleChanged { .. } => "role_changed",
             Change::NewClientsOn { .. } => "new_clients_on",
@@ -365,6 +455,15 @@ pub fn detail(input: &DetailInput<'_>) -> Vec<PlanRecord> {
     }
     for id in &input.plan.held_deletes {
         out.push(record(id, Change::DeleteHeld, false));
+    }
+    for (id, delete_at) in &input.plan.leaving {
+        let change = Change::Leaving {
+            delete_at: *delete_at,
+        };
+        out.push(record(id, change, false));
+    }
+    for id in &input.plan.held_leavers {
+        out.push(record(id, Change::LeaveHeld, false));
     }
     let (previous, next) = (
         input.previous_doc.map(SettingsDoc::view),
@@ -706,6 +805,83 @@ mod tests {
         allowed: false,
     };
 
+    /// `plan_users` with no grace: users who leave are deleted at once.
+    fn plan_users_now<'a>(
+        n: &'a Normalized,
+        mirror: &Mirror,
+        pending: &HashSet<String>,
+        waiting: &Waiting,
+        delete_missing: bool,
+        guard: DeleteGuard,
+    ) -> UserPlan<'a> {
+        let left = HashMap::new();
+        let now = Departures {
+            left: &left,
+            grace: chrono::Duration::zero(),
+            now: Utc::now(),
+        };
+        plan_users(n, mirror, (pending, waiting), delete_missing, guard, now)
+    }
+
+    #[test]
+    fn with_a_grace_leavers_stay_until_it_ends_and_too_many_at_once_are_held() {
+        let n = norm(&["1"]);
+        let now = Utc::now();
+        let hour = chrono::Duration::hours(1);
+        let mut mirror = Mirror::default();
+        for id in ["1", "fresh", "in-grace", "expired"] {
+            mirror.insert(id.into(), "h".to_string());
+        }
+        let left: HashMap<String, DateTime<Utc>> = [
+            ("in-grace".to_string(), now - hour / 2),
+            ("expired".to_string(), now - hour * 2),
+            ("1".to_string(), now - hour / 4),
+        ]
+        .into();
+        let pending: HashSet<String> = ["sent-only".to_string()].into();
+        let d = Departures {
+            left: &left,
+            grace: hour,
+            now,
+        };
+        let guard = DeleteGuard { min: 10, ..GUARD };
+        let p = plan_users(&n, &mirror, (&pending, &Waiting::new()), true, guard, d);
+        assert_eq!(
+            p.deletes,
+            ["expired", "sent-only"],
+            "the grace passed, or never acknowledged"
+        );
+        assert_eq!(p.new_leavers, ["fresh"]);
+        let leaving: Vec<(&str, DateTime<Utc>)> = p
+            .leaving
+            .iter()
+            .map(|(id, at)| (id.as_str(), *at))
+            .collect();
+        assert_eq!(
+            leaving,
+            [("fresh", now + hour), ("in-grace", now + hour / 2)]
+        );
+        assert_eq!(p.returned, ["1"], "back within its grace");
+        assert!(p.leave_blocked.is_none());
+
+        // Too many at once: every new leaver is held, nothing of theirs changes.
+        let strict = DeleteGuard {
+            min: 0,
+            max_percent: 10,
+            allowed: false,
+        };
+        let p = plan_users(&n, &mirror, (&pending, &Waiting::new()), true, strict, d);
+        assert_eq!(p.leave_blocked, Some((1, 5)));
+        assert_eq!(p.held_leavers, ["fresh"]);
+        assert!(p.new_leavers.is_empty());
+        let released = DeleteGuard {
+            allowed: true,
+            ..strict
+        };
+        let p = plan_users(&n, &mirror, (&pending, &Waiting::new()), true, released, d);
+        assert!(p.released && p.new_leavers == ["fresh"]);
+    }
+
     #[test]
     fn new_changed_unchanged_and_gone_users_are_told_apart() {
         let n = norm(&["1", "2", "3"]);
@@ -713,7 +889,7 @@ mod tests {
         mirror.insert("1".into(), n.users[0].hash.clone());
         mirror.insert("2".into(), "old".to_string());
         mirror.insert("9".into(), "x".to_string());
-        let p = plan_users(
+        let p = plan_users_now(
             &n,
             &mirror,
             &HashSet::new(),
@@ -725,7 +901,7 @@ mod tests {
         assert_eq!(p.updates[0].payload.id, "2");
         assert_eq!(p.creates[0].payload.id, "3");
         assert_eq!(p.deletes, ["9"]);
-        let p = plan_users(&n, &mirror, &HashSet::new(), &Waiting::new(), false, GUARD);
+        let p = plan_users_now(&n, &mirror, &HashSet::new(), &Waiting::new(), false, GUARD);
         assert!(p.deletes.is_empty());
     }
 
@@ -735,10 +911,10 @@ mod tests {
         let mirror: Mirror = (0..10)
             .map(|i| (i.to_string().into(), "h".to_string()))
             .collect();
-        let p = plan_users(&n, &mirror, &HashSet::new(), &Waiting::new(), true, GUARD);
+        let p = plan_users_now(&n, &mirror, &HashSet::new(), &Waiting::new(), true, GUARD);
         assert_eq!(p.deletes_blocked, Some((10, 10)));
         assert!(p.deletes.is_empty());
-        let p = plan_users(
+        let p = plan_users_now(
             &n,
             &mirror,
             &HashSet::new(),
@@ -758,7 +934,7 @@ mod tests {
         let waiting = |hash: &str| -> Waiting {
             [((Entity::User, "1".to_string()), Some(hash.to_string()))].into()
         };
-        let p = plan_users(
+        let p = plan_users_now(
             &n,
             &Mirror::default(),
             &HashSet::new(),
@@ -767,7 +943,7 @@ mod tests {
             GUARD,
         );
         assert_eq!((p.waiting, p.creates.len()), (1, 0));
-        let p = plan_users(
+        let p = plan_users_now(
             &n,
             &Mirror::default(),
             &HashSet::new(),
@@ -794,7 +970,7 @@ mod tests {
             push_input_output_message_events_for_managers: false,
         };
         let in_wazzup: foldhash::HashSet<&str> = ["1", "2", "4"].into_iter().collect();
-        let doc = settings_doc(&n, &in_wazzup, Some(&previous), true);
+        let doc = settings_doc(&n, &in_wazzup, (Some(&previous), &[]), true);
         let users: Vec<_> = doc.user_roles.iter().map(|r| r.user_id.as_str()).collect();
         assert_eq!(users, ["1", "2", "4"]);
         assert_eq!(doc.hide_phone_numbers_for_user_ids, ["2", "4"]);
@@ -884,7 +1060,7 @@ mod tests {
         mirror.insert("1".into(), n.users[0].hash.clone());
         mirror.insert("3".into(), "old".to_string());
         mirror.insert("9".into(), "old".to_string());
-        let p = plan_users(
+        let p = plan_users_now(
             &n,
             &mirror,
             &HashSet::new(),

@@ -619,6 +619,11 @@ fn print_next(e: &Explanation, out: &mut impl Write) -> std::io::Result<()> {
             ),
             Change::UserDeleted => "delete the user".into(),
             Change::DeleteHeld => "delete, held back by the mass-deletion guard".into(),
+            Change::Leaving { delete_at } => format!(
+                "leaving: left the CRM, no access; deleted from Wazzup at {} UTC",
+                delete_at.format("%Y-%m-%d %H:%M:%S")
+            ),
+            Change::LeaveHeld => "leaving, held back by the mass-deletion guard".into(),
             Change::RoleGranted { channel_id, access } => {
                 format!("grant role {} on {channel_id}", access.role.as_str())
             }

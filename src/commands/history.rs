@@ -32,7 +32,7 @@ pub struct AccessArgs {
     pub format: String,
 }
 
-/// A point in time given as an age (`7d`, `12h`, `30m`) or a date (`2026-12-01`, midnight UTC)
+/// A point in time given as an age (`7d`, `12h`, `30m`, `1h30m`) or a date (`2026-12-01`, midnight UTC)
 /// or an RFC 3339 time; None when it is none of these.
 pub fn parse_time(text: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     let t = text.trim();
@@ -42,16 +42,7 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     if let Ok(day) = NaiveDate::parse_from_str(t, "%Y-%m-%d") {
         return Some(day.and_hms_opt(0, 0, 0)?.and_utc());
     }
-    let split = t.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = t.split_at(split);
-    let n: i64 = n.parse().ok()?;
-    let age = match unit {
-        "d" => chrono::Duration::try_days(n)?,
-        "h" => chrono::Duration::try_hours(n)?,
-        "m" => chrono::Duration::try_minutes(n)?,
-        "w" => chrono::Duration::try_weeks(n)?,
-        _ => return None,
-    };
+    let age = chrono::Duration::from_std(crate::config::parse_duration(t)?).ok()?;
     now.checked_sub_signed(age)
 }
 

@@ -76,6 +76,10 @@ async fn open_listener(
         |e: sqlx::Error| format!("Failed to LISTEN on {channel}: {}", crate::db::describe(&e));
     listener.unlisten(&probe_channel).await.map_err(fail)?;
     listener.listen(channel).await.map_err(fail)?;
+    if decisions_share_listen(&engine.settings) {
+        let decisions = crate::state::approvals::decisions_channel(&engine.settings.state.schema);
+        listener.listen(&decisions).await.map_err(fail)?;
+    }
     Ok(listener)
 }
 
@@ -149,6 +153,73 @@ pub(super) async fn listen_forever(
                 }
                 Err(e) => {
                     tracing::warn!(error = %crate::db::describe(&e), "The LISTEN session failed; reopening it");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Whether the state lives in the database LISTEN already has a session on (same host, port
+/// and database), so that session hears the approval decisions too and no second one is held.
+pub(super) fn decisions_share_listen(settings: &Settings) -> bool {
+    use std::str::FromStr;
+    let parse = |url: &secrecy::SecretString| {
+        sqlx::postgres::PgConnectOptions::from_str(secrecy::ExposeSecret::expose_secret(url)).ok()
+    };
+    match (parse(settings.listen_url()), parse(settings.state_url())) {
+        (Some(l), Some(s)) => {
+            !settings.sync.listen_channel.is_empty()
+                && l.get_host() == s.get_host()
+                && l.get_port() == s.get_port()
+                && l.get_database() == s.get_database()
+        }
+        _ => false,
+    }
+}
+
+/// Listens on the state database for approval decisions (`wazzup-sync approvals approve`
+/// notifies the decided accounts' ids) and passes them on, so that the approved changes go out
+/// within a second. A lost session is reopened at growing intervals; meanwhile the schedule
+/// picks the decisions up (they make the accounts' next cycle look at them).
+pub(super) async fn listen_decisions(engine: Engine, tx: mpsc::UnboundedSender<String>) {
+    let channel = crate::state::approvals::decisions_channel(&engine.settings.state.schema);
+    let pool = match crate::state::listen_pool(&engine.settings) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %crate::db::describe(&e), "Cannot listen for approval decisions");
+            return;
+        }
+    };
+    let mut delay = Duration::from_secs(1);
+    loop {
+        let opened = async {
+            let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            l.listen(&channel).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = match opened.await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %crate::db::describe(&e), retry_in_secs = delay.as_secs(),
+                    "Cannot listen for approval decisions; the schedule picks them up");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(super::run::MAX_RETRY_DELAY);
+                continue;
+            }
+        };
+        delay = Duration::from_secs(1);
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => {
+                    let account = n.payload().trim();
+                    if !account.is_empty() && tx.send(account.to_string()).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %crate::db::describe(&e), "The session listening for approval decisions failed; reopening it");
                     break;
                 }
             }

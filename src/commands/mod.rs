@@ -1,10 +1,12 @@
 //! The commands, one file each: `run` (the daemon, with [`listen`] for NOTIFY), `sync` and
-//! `reconcile`, `plan`, `check`, `migrate`, `dead-letters`, `explain`. `main.rs` only parses the
+//! `reconcile`, `plan`, `check`, `migrate`, `dead-letters`, `explain`, `history` and `access`,
+//! `approvals`. `main.rs` only parses the
 //! command line and calls these.
 
 use crate::config::Settings;
 use crate::sync::CycleReport;
 
+pub mod approvals;
 pub mod check;
 pub mod dead_letters;
 pub mod explain;

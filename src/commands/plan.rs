@@ -123,6 +123,13 @@ fn describe_change(c: &Change) -> String {
             .join(", "),
         Change::UserDeleted => String::new(),
         Change::DeleteHeld => "held back by the mass-deletion guard".into(),
+        Change::Leaving { delete_at } => format!(
+            "left the CRM: no access; deleted from Wazzup at {} UTC",
+            delete_at.format("%Y-%m-%d %H:%M:%S")
+        ),
+        Change::LeaveHeld => {
+            "left the CRM with too many others: held back by the mass-deletion guard".into()
+        }
         Change::RoleGranted {
             channel_id,
             access: a,

@@ -39,7 +39,7 @@ pub async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
         }
     }
     health.migrated();
-    engine.export_dead_letter_gauges(None).await;
+    engine.export_state_gauges(None).await;
     let mut triggers = Triggers::start(&engine, &health).await?;
     tracing::info!(
         schedule = %engine.settings.sync.schedule,
@@ -156,7 +156,8 @@ async fn prune_history(engine: &Engine) {
     }
 }
 
-/// What starts a cycle: the sync schedule, the reconcile schedule, and notifications.
+/// What starts a cycle: the sync schedule, the reconcile schedule, notifications from the CRM,
+/// and decisions on approvals.
 struct Triggers {
     scheduler: JobScheduler,
     tick: mpsc::Receiver<()>,
@@ -186,6 +187,14 @@ impl Triggers {
         }
         scheduler.start().await?;
         let (notify_tx, notified) = mpsc::unbounded_channel::<String>();
+        // A person's decision on an approval syncs its account at once, as a notification: on
+        // the LISTEN session when the state shares its database, else on a session of its own.
+        if !super::listen::decisions_share_listen(settings) {
+            tokio::spawn(super::listen::listen_decisions(
+                engine.clone(),
+                notify_tx.clone(),
+            ));
+        }
         if !settings.sync.listen_channel.is_empty() {
             let pool = listen_pool(settings)?;
             tokio::spawn(listen_forever(

@@ -70,6 +70,10 @@ pub struct Opening {
     pub pending: std::collections::HashSet<String>,
     /// Open dead letters, and those an operator discarded.
     pub dead_letters: Vec<super::OpenDeadLetter>,
+    /// Users who left the CRM and are still in Wazzup, without access: when each left.
+    pub leavers: HashMap<String, DateTime<Utc>>,
+    /// Whether any approval of the account is open (waiting, approved, rejected).
+    pub approvals_open: bool,
 }
 
 /// Opens an account's cycle in one statement: forgets its clean fingerprint (so that if the
@@ -94,6 +98,10 @@ pub async fn open_account(
                      THEN (a.settings_doc->>'push_input_output_message_events_for_managers')::bool
                 END AS push,
                 ARRAY(SELECT user_id FROM pending_users WHERE account_id = $1) AS pending,
+                l.leaver_ids, l.left_at,
+                EXISTS (SELECT 1 FROM approvals
+                        WHERE account_id = $1 AND status IN ('waiting', 'approved', 'rejected'))
+                    AS approvals_open,
                 d.entity, d.record_id, d.kind, d.error_code, d.error_message, d.payload_hash,
                 d.next_attempt_at, d.resolution
          FROM (SELECT 1) AS one
@@ -107,7 +115,12 @@ pub async fn open_account(
                    array_agg(resolution) AS resolution
             FROM dead_letters
             WHERE account_id = $1 AND (resolved_at IS NULL OR resolution = 'discarded')
-         ) AS d",
+         ) AS d
+         CROSS JOIN LATERAL (
+            SELECT coalesce(array_agg(user_id), '{}') AS leaver_ids,
+                   coalesce(array_agg(left_at), '{}') AS left_at
+            FROM mirror_users WHERE account_id = $1 AND left_at IS NOT NULL
+         ) AS l",
     )
     .bind(account_id)
     .bind(with_doc)
@@ -137,52 +150,58 @@ pub async fn open_account(
         },
     };
     let pending: Vec<String> = row.try_get("pending")?;
+    let leaver_ids: Vec<String> = row.try_get("leaver_ids")?;
+    let left_at: Vec<DateTime<Utc>> = row.try_get("left_at")?;
     Ok(Opening {
         account,
         pending: pending.into_iter().collect(),
         dead_letters: super::dead_letters::from_columns(&row)?,
+        leavers: leaver_ids.into_iter().zip(left_at).collect(),
+        approvals_open: row.try_get("approvals_open")?,
     })
 }
 
 /// Records the end of an account's cycle. Its CRM fingerprint is kept when the cycle ended
 /// `clean` and no refusal of Wazzup's is open, so that unchanged rows next time mean nothing to
-/// do.
+/// do until `due_at` (when the first grace of a user who left ends).
 pub async fn finish_account(
     db: impl PgExecutor<'_>,
     account_id: &str,
     fingerprint: &str,
     success: bool,
     error: Option<&str>,
-    source_fingerprint: Option<&str>,
+    (source_fingerprint, due_at): (Option<&str>, Option<DateTime<Utc>>),
 ) -> Result<()> {
     sqlx::query(
         "INSERT INTO accounts (account_id, token_fingerprint, status, last_cycle_at, last_success_at, last_error,
-                               source_fingerprint)
+                               source_fingerprint, due_at)
          VALUES ($1, $2, 'ok', now(), CASE WHEN $3 THEN now() END, $4,
                  CASE WHEN NOT EXISTS (
                     SELECT 1 FROM dead_letters
                     WHERE account_id = $1 AND resolved_at IS NULL AND kind = 'rejected'
-                 ) THEN $5 END)
+                 ) THEN $5 END, $6)
          ON CONFLICT (account_id) DO UPDATE SET
             token_fingerprint = EXCLUDED.token_fingerprint,
             status = 'ok', auth_failed_at = NULL,
             last_cycle_at = now(),
             last_success_at = COALESCE(EXCLUDED.last_success_at, accounts.last_success_at),
             last_error = EXCLUDED.last_error,
-            source_fingerprint = EXCLUDED.source_fingerprint",
+            source_fingerprint = EXCLUDED.source_fingerprint,
+            due_at = EXCLUDED.due_at",
     )
     .bind(account_id)
     .bind(fingerprint)
     .bind(success)
     .bind(error)
     .bind(source_fingerprint)
+    .bind(due_at)
     .execute(db)
     .await?;
     Ok(())
 }
 
 /// The fingerprints stored at each account's last clean cycle (of the accounts `only`, when
-/// given), with the token then used.
+/// given), with the token then used; none for an account that is due again (a grace ending).
 pub async fn load_source_fingerprints(
     pool: &PgPool,
     only: Option<&std::collections::HashSet<String>>,
@@ -192,6 +211,7 @@ pub async fn load_source_fingerprints(
     let rows: Vec<(String, String, String)> = sqlx::query_as(
         "SELECT account_id, source_fingerprint, token_fingerprint FROM accounts
          WHERE source_fingerprint IS NOT NULL AND token_fingerprint IS NOT NULL AND status = 'ok'
+           AND (due_at IS NULL OR due_at > now())
            AND ($1::text[] IS NULL OR account_id = ANY($1))",
     )
     .bind(only)
@@ -242,7 +262,8 @@ pub async fn mark_auth_failed(
 
 /// Records the settings document Wazzup acknowledged, the hashes of its role rows
 /// ([`crate::plan::role_hash`], in its order), and its history rows (`diff`: what changed
-/// from the document Wazzup held, see [`crate::plan::doc_diff`]), in one statement. Returns how
+/// from the document Wazzup held, see [`crate::plan::doc_diff`], each with its cause), in one
+/// statement. Returns how
 /// many rows of each action were written, those that widen access apart: (action, widens
 /// access, rows).
 pub async fn save_settings(
@@ -250,15 +271,27 @@ pub async fn save_settings(
     account_id: &str,
     (doc_json, hash, role_hashes): (&str, &str, &[i64]),
     diff: &[crate::plan::DocDiff<'_>],
-    (cycle, cause): (Option<i64>, super::Cause),
+    (cycle, causes): (Option<i64>, &[super::Cause]),
 ) -> Result<Vec<(String, bool, i64)>> {
     let rows = DiffColumns::of(diff);
+    let causes: Vec<&str> = causes.iter().map(|c| c.as_str()).collect();
     // A role row's values are {role, allow_get_new_clients}; a phone's {hidden}; the push
-    // flag's {push}. NULL where there is no row.
+    // flag's {push}. NULL where there is no row. A widening a person approved names them, and
+    // its approval is applied.
     sqlx::query_as(
-        "WITH h AS (
+        "WITH d AS (
+            SELECT * FROM UNNEST($6::text[], $7::text[], $8::text[], $9::text[], $10::bool[],
+                                 $11::text[], $12::bool[], $13::bool[], $5::text[])
+                AS d(u, c, action, o_role, o_flag, n_role, n_flag, widens, cause)
+         ), applied AS (
+            UPDATE approvals a SET status = 'applied', closed_at = now()
+            FROM d
+            WHERE a.account_id = $1 AND a.reason = 'widens_access' AND a.status = 'approved'
+              AND a.user_id = d.u AND a.channel_id = d.c AND d.widens
+            RETURNING a.id, a.user_id, a.channel_id, a.decided_by, a.note
+         ), h AS (
             INSERT INTO changes (cycle_id, account_id, user_id, channel_id, action, before, after,
-                                 widens_access, cause)
+                                 widens_access, cause, actor, note, approval_id)
             SELECT $4, $1, d.u, d.c, d.action,
                    CASE WHEN d.o_flag IS NULL THEN NULL
                         WHEN d.action LIKE 'phone%' THEN jsonb_build_object('hidden', d.o_flag)
@@ -268,10 +301,8 @@ pub async fn save_settings(
                         WHEN d.action LIKE 'phone%' THEN jsonb_build_object('hidden', d.n_flag)
                         WHEN d.action LIKE 'push%' THEN jsonb_build_object('push', d.n_flag)
                         ELSE jsonb_build_object('role', d.n_role, 'allow_get_new_clients', d.n_flag) END,
-                   d.widens, $5
-            FROM UNNEST($6::text[], $7::text[], $8::text[], $9::text[], $10::bool[], $11::text[],
-                        $12::bool[], $13::bool[])
-                 AS d(u, c, action, o_role, o_flag, n_role, n_flag, widens)
+                   d.widens, d.cause, ap.decided_by, ap.note, ap.id
+            FROM d LEFT JOIN applied ap ON ap.user_id = d.u AND ap.channel_id = d.c
             RETURNING action, widens_access
          ), saved AS (
             INSERT INTO accounts (account_id, settings_hash, settings_doc, settings_roles)
@@ -286,7 +317,7 @@ pub async fn save_settings(
     .bind(hash)
     .bind(doc_json)
     .bind(cycle)
-    .bind(cause.as_str())
+    .bind(causes)
     .bind(rows.users)
     .bind(rows.channels)
     .bind(rows.actions)
@@ -419,4 +450,61 @@ pub async fn acknowledged_settings(pool: &PgPool, account_id: &str) -> Result<Op
         doc.canonicalize();
         doc
     }))
+}
+
+/// Notes the users who left the CRM this cycle (their grace starts now) and forgets it for
+/// those who came back, in one statement; a mass leave a person approved is applied with it.
+/// Returns when each new leaver left.
+pub async fn mark_leavers(
+    pool: &PgPool,
+    account_id: &str,
+    (left, returned): (&[String], &[String]),
+    approval: Option<i64>,
+) -> Result<HashMap<String, DateTime<Utc>>> {
+    if left.is_empty() && returned.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "WITH back AS (
+            UPDATE mirror_users SET left_at = NULL
+            WHERE account_id = $1 AND user_id = ANY($3) AND left_at IS NOT NULL
+         ), applied AS (
+            UPDATE approvals SET status = 'applied', closed_at = now()
+            WHERE id = $4 AND status = 'approved'
+         )
+         UPDATE mirror_users SET left_at = now()
+         WHERE account_id = $1 AND user_id = ANY($2) AND left_at IS NULL
+         RETURNING user_id, left_at",
+    )
+    .bind(account_id)
+    .bind(left)
+    .bind(returned)
+    .bind(approval)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The account's users who left the CRM and are still in Wazzup: when each left.
+pub async fn load_leavers(
+    pool: &PgPool,
+    account_id: &str,
+) -> Result<HashMap<String, DateTime<Utc>>> {
+    let rows: Vec<(String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT user_id, left_at FROM mirror_users WHERE account_id = $1 AND left_at IS NOT NULL",
+    )
+    .bind(account_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Users who left the CRM and wait out their grace in Wazzup, over every account.
+pub async fn users_in_grace(pool: &PgPool) -> Result<i64> {
+    let mut conn = pool.acquire().await?;
+    let n = sqlx::query_scalar("SELECT count(*) FROM mirror_users WHERE left_at IS NOT NULL")
+        .fetch_one(&mut *conn)
+        .await?;
+    crate::db::hand_back(conn).await;
+    Ok(n)
 }

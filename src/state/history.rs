@@ -19,8 +19,11 @@ pub enum Cause {
     DriftRepair,
     /// A record Wazzup refused before, sent again on its schedule.
     Retry,
-    /// A person asked for it (`dead-letters retry --now`, `dead-letters discard`).
+    /// A person asked for it (`dead-letters retry --now`, `dead-letters discard`, a decision
+    /// on an approval).
     Manual,
+    /// The user left the CRM: its access revoked, its user deleted after the grace.
+    LeftCrm,
 }
 
 impl Cause {
@@ -30,12 +33,13 @@ impl Cause {
             Cause::DriftRepair => "drift_repair",
             Cause::Retry => "retry",
             Cause::Manual => "manual",
+            Cause::LeftCrm => "left_crm",
         }
     }
 }
 
 /// Every action a history row can name, as `plan --detail` names the same changes.
-pub const ACTIONS: [&str; 14] = [
+pub const ACTIONS: [&str; 16] = [
     "user_created",
     "user_updated",
     "user_deleted",
@@ -50,6 +54,8 @@ pub const ACTIONS: [&str; 14] = [
     "push_for_managers_off",
     "refused",
     "refusal_closed",
+    "approved",
+    "rejected",
 ];
 
 /// Where the history rows of a write belong: the cycle (None outside one), and the cause of

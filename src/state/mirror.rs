@@ -375,14 +375,23 @@ pub async fn delete_mirror(
             .map(|(i, _)| shown.get(i).and_then(f))
             .collect()
     };
+    // A deletion a person approved names them, and its approval is applied.
     sqlx::query(
         "WITH done AS (
             DELETE FROM pending_users WHERE account_id = $1 AND user_id = ANY($2)
+         ), applied AS (
+            UPDATE approvals SET status = 'applied', closed_at = now()
+            WHERE account_id = $1 AND reason = 'mass_delete' AND status = 'approved'
+              AND user_id = ANY($2) AND $4::text IS NOT NULL
+            RETURNING id, user_id, decided_by, note
          ), h AS (
-            INSERT INTO changes (cycle_id, account_id, user_id, action, before, cause)
+            INSERT INTO changes (cycle_id, account_id, user_id, action, before, cause, actor,
+                                 note, approval_id)
             SELECT $3, $1, g.id, 'user_deleted',
-                   jsonb_strip_nulls(jsonb_build_object('name', g.name, 'phone', g.phone)), $4
+                   jsonb_strip_nulls(jsonb_build_object('name', g.name, 'phone', g.phone)), $4,
+                   a.decided_by, a.note, a.id
             FROM UNNEST($2::text[], $5::text[], $6::text[]) AS g(id, name, phone)
+            LEFT JOIN applied a ON a.user_id = g.id
             WHERE $4::text IS NOT NULL
          )
          DELETE FROM mirror_users WHERE account_id = $1 AND user_id = ANY($2)",

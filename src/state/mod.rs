@@ -14,6 +14,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool};
 use crate::config::Settings;
 
 pub mod accounts;
+pub mod approvals;
 pub mod dead_letters;
 pub mod history;
 pub mod locks;
@@ -94,6 +95,14 @@ pub async fn lock_session(settings: &Settings) -> Result<sqlx::PgConnection> {
         Ok(conn) => Ok(conn?),
         Err(_) => Err(StateError(sqlx::Error::PoolTimedOut)),
     }
+}
+
+/// A pool of one session for LISTEN on the state database (approval decisions).
+pub fn listen_pool(settings: &Settings) -> std::result::Result<PgPool, sqlx::Error> {
+    Ok(crate::db::pool_options()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(settings.state.connect_timeout_secs))
+        .connect_lazy_with(connect_options(settings)?))
 }
 
 /// Where the state database is, for connection errors.

@@ -1,7 +1,9 @@
 //! One account's cycle, as its list of stages: the token's cool-down, local rejections, drift
 //! repair (reconcile), the plan, users, dead letters that closed, settings, deletes, the end.
 
-use chrono::Utc;
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
 use wazzup_api::{Account, RequestStats};
@@ -41,6 +43,12 @@ pub(super) struct Job<'a> {
     pub drifted: foldhash::HashMap<String, Option<state::Shown>>,
     /// Wazzup's settings document when it drifted from the one last acknowledged (JSON).
     pub settings_found: Option<String>,
+    /// Users who left the CRM and are still in Wazzup, without access: when each left.
+    pub left: HashMap<String, DateTime<Utc>>,
+    /// The users the CRM returns, valid or refused.
+    pub present: foldhash::HashSet<&'a str>,
+    /// Whether any approval of the account was open as the cycle began.
+    pub approvals_open: bool,
 }
 
 /// What the mirror remembered of the users whose CRM rows changed (or who left the CRM): what
@@ -70,6 +78,9 @@ impl Job<'_> {
         if entity == Entity::User && self.drifted.contains_key(record_id) {
             return state::Cause::DriftRepair;
         }
+        if entity != Entity::Settings && self.has_left(record_id) {
+            return state::Cause::LeftCrm;
+        }
         let refused = self
             .open_of(entity)
             .any(|d| d.kind == DeadLetterKind::Rejected && d.record_id == record_id);
@@ -77,6 +88,12 @@ impl Job<'_> {
             state::Cause::CrmChange if refused => state::Cause::Retry,
             cause => cause,
         }
+    }
+
+    /// True for a user in Wazzup that the CRM no longer returns (a leaver, in its grace or
+    /// deleted now), whose changes are the consequences of its leaving.
+    pub fn has_left(&self, user_id: &str) -> bool {
+        !self.present.contains(user_id)
     }
 
     /// What Wazzup held of a user, for its history row (None when unknown).
@@ -167,6 +184,8 @@ impl Engine {
             account: mut last,
             dead_letters: open,
             mut pending,
+            leavers,
+            approvals_open,
         } = opening;
         if let Some(skipped) = self.cooling_down(&last, &token) {
             return Ok(skipped);
@@ -183,6 +202,14 @@ impl Engine {
             record: record_of(opts),
             drifted: Default::default(),
             settings_found: None,
+            left: leavers,
+            present: norm
+                .users
+                .iter()
+                .map(|u| u.payload.id.as_str())
+                .chain(norm.rejected_user_ids.iter().map(CrmText::as_str))
+                .collect(),
+            approvals_open,
         };
         self.record_local_rejections(&job, report).await?;
         if opts.reconcile
@@ -196,31 +223,185 @@ impl Engine {
             pending = state::load_pending(&self.state, id).await?;
         }
         let plan = self.plan_for(&job, &mirror, &pending, report);
+        let stop = self
+            .push_stages(&job, plan, (&mut mirror, &mut last), report)
+            .await?;
+        self.finish(&job, source_fingerprint, stop, report).await
+    }
+
+    /// The stages that send, in order: the leavers' grace, users, settings, deletes, and the
+    /// creates that deletes made room for.
+    async fn push_stages(
+        &self,
+        job: &Job<'_>,
+        mut plan: UserPlan<'_>,
+        (mirror, last): (&mut Mirror, &mut AccountState),
+        report: &mut AccountReport,
+    ) -> Result<Option<Stop>, StateError> {
+        self.departures_stage(job, &mut plan, last).await?;
+        // Users still in Wazzup that leave it, now or after their grace, give up their phones.
+        let holders: Vec<String> = (plan.deletes.iter().cloned())
+            .chain(plan.leaving.iter().map(|(id, _)| id.clone()))
+            .collect();
         let users = self
-            .users_stage(&job, &plan, &plan.deletes, &mut mirror, report)
+            .users_stage(job, &plan, &holders, mirror, report)
             .await?;
         let mut stop = users.stop;
-        self.close_dead_letters(&job, &mirror).await?;
+        self.close_dead_letters(job, mirror).await?;
+        let late = held_for_room(job, mirror, users.full_refused);
         let deletes = if stop.is_none() {
-            plan.deletes.clone()
+            let mut deletes = plan.deletes.clone();
+            deletes.extend(early_leavers(&mut plan, late.len()));
+            deletes
         } else {
             vec![]
         };
         let settings_stop = self
-            .settings_stage(&job, &mirror, &deletes, &mut last, stop.is_some(), report)
+            .settings_stage(
+                job,
+                mirror,
+                (&deletes, &plan.held_leavers),
+                last,
+                stop.is_some(),
+                report,
+            )
             .await?;
         stop = stop.or(settings_stop);
         if stop.is_none() && !deletes.is_empty() {
-            stop = self.deletes_stage(&job, &deletes, &mirror, report).await?;
+            stop = self.deletes_stage(job, &deletes, mirror, report).await?;
             if stop.is_none() && report.deleted > 0 {
-                let late = held_for_room(&job, &mirror, users.full_refused);
                 stop = self
-                    .room_made(&job, late, &deletes, &mut mirror, &mut last, report)
+                    .room_made(
+                        job,
+                        late,
+                        (&deletes, &plan.held_leavers),
+                        mirror,
+                        last,
+                        report,
+                    )
                     .await?;
             }
         }
-        self.close_returned_deletes(&job).await?;
-        self.finish(&job, source_fingerprint, stop, report).await
+        self.close_returned_deletes(job).await?;
+        report.leaving = plan.leaving.len();
+        report.next_due = plan.leaving.iter().map(|(_, at)| *at).min();
+        Ok(stop)
+    }
+
+    /// Users who left the CRM: their grace starts (or ends, for those who came back). When the
+    /// guard holds them back, nothing of theirs changes: they keep the roles Wazzup holds, so
+    /// the document they are kept from is read.
+    async fn departures_stage(
+        &self,
+        job: &Job<'_>,
+        plan: &mut UserPlan<'_>,
+        last: &mut AccountState,
+    ) -> Result<(), StateError> {
+        let approval = self.guard_approvals(job, plan).await?;
+        let marks = (&plan.new_leavers[..], &plan.returned[..]);
+        let started = state::mark_leavers(&self.state, job.id(), marks, approval).await?;
+        for (id, at) in plan.leaving.iter_mut() {
+            if let Some(left) = started.get(id.as_str()) {
+                *at = *left + self.departures(&job.left).grace;
+            }
+        }
+        if !plan.held_leavers.is_empty() && last.settings_doc.is_none() {
+            last.settings_doc = state::acknowledged_settings(&self.state, job.id()).await?;
+        }
+        Ok(())
+    }
+
+    /// The guard's holds as approvals: a mass deletion waits user by user, a mass leave as one
+    /// approval for the account; what a person approved goes now. Let through by the allow
+    /// flag instead, they are recorded as decided by `cli` or `config`. Returns the mass leave
+    /// approval that now applies.
+    async fn guard_approvals(
+        &self,
+        job: &Job<'_>,
+        plan: &mut UserPlan<'_>,
+    ) -> Result<Option<i64>, StateError> {
+        use state::approvals::{self, Reason};
+        let leaves = self.settings.delete_grace() > std::time::Duration::ZERO;
+        let reason = if leaves {
+            Reason::MassLeave
+        } else {
+            Reason::MassDelete
+        };
+        if plan.released {
+            let by = if self.settings.sync.allow_mass_delete {
+                "config"
+            } else {
+                "cli"
+            };
+            let holds = if leaves {
+                vec![leave_hold(&plan.new_leavers)]
+            } else {
+                plan.deletes.iter().map(|id| delete_hold(job, id)).collect()
+            };
+            approvals::record_allowed(
+                &self.state,
+                job.id(),
+                reason,
+                &holds,
+                (by, job.record.cycle),
+            )
+            .await?;
+            return Ok(None);
+        }
+        let held = if leaves {
+            &plan.held_leavers
+        } else {
+            &plan.held_deletes
+        };
+        if held.is_empty() && !job.approvals_open {
+            return Ok(None);
+        }
+        let holds: Vec<approvals::Hold> = match (leaves, held.is_empty()) {
+            (_, true) => Vec::new(),
+            (true, false) => vec![leave_hold(held)],
+            (false, false) => held.iter().map(|id| delete_hold(job, id)).collect(),
+        };
+        let open = approvals::sync_holds(&self.state, job.id(), reason, &holds).await?;
+        let approved: Vec<&approvals::Approval> =
+            open.iter().filter(|a| a.status == "approved").collect();
+        if approved.is_empty() {
+            return Ok(None);
+        }
+        if leaves {
+            // The users who would leave are those the approval was given for.
+            plan.new_leavers = std::mem::take(&mut plan.held_leavers);
+            plan.leave_blocked = None;
+            let at = Utc::now() + self.departures(&job.left).grace;
+            plan.leaving
+                .extend(plan.new_leavers.iter().map(|id| (id.clone(), at)));
+            return Ok(approved.first().map(|a| a.id));
+        }
+        let approved: std::collections::HashSet<&str> = approved
+            .iter()
+            .filter_map(|a| a.user_id.as_deref())
+            .collect();
+        let (go, wait): (Vec<String>, Vec<String>) = std::mem::take(&mut plan.held_deletes)
+            .into_iter()
+            .partition(|id| approved.contains(id.as_str()));
+        plan.deletes.extend(go);
+        if wait.is_empty() {
+            plan.deletes_blocked = None;
+        }
+        plan.held_deletes = wait;
+        Ok(None)
+    }
+
+    /// Users who left the CRM, and how long they stay in Wazzup after.
+    pub(super) fn departures<'l>(
+        &self,
+        left: &'l HashMap<String, DateTime<Utc>>,
+    ) -> plan::Departures<'l> {
+        plan::Departures {
+            left,
+            grace: chrono::Duration::from_std(self.settings.delete_grace())
+                .unwrap_or(chrono::Duration::MAX),
+            now: Utc::now(),
+        }
     }
 
     /// Deletes made room in an account that was full: the creates Wazzup refused for the user
@@ -229,7 +410,7 @@ impl Engine {
         &self,
         job: &Job<'_>,
         late: Vec<&ValidUser>,
-        deleted: &[String],
+        (deleted, held): (&[String], &[String]),
         mirror: &mut Mirror,
         last: &mut AccountState,
         report: &mut AccountReport,
@@ -273,7 +454,7 @@ impl Engine {
         if done.stop.is_some() {
             return Ok(done.stop);
         }
-        self.settings_stage(job, mirror, deleted, last, false, report)
+        self.settings_stage(job, mirror, (deleted, held), last, false, report)
             .await
     }
 
@@ -312,14 +493,23 @@ impl Engine {
         let p = plan::plan_users(
             job.norm,
             mirror,
-            pending,
-            &job.waiting,
+            (pending, &job.waiting),
             self.settings.sync.delete_missing,
             self.guard(job.account, job.opts),
+            self.departures(&job.left),
         );
         report.unchanged = p.unchanged;
         report.waiting = p.waiting + p.deletes_waiting;
         report.deletes_blocked = p.deletes_blocked;
+        report.leave_blocked = p.leave_blocked;
+        if let Some((would, mirrored)) = p.leave_blocked {
+            tracing::error!(
+                would_leave = would,
+                mirrored,
+                max_percent = self.settings.sync.mass_delete_max_percent,
+                "Held back a mass leave: the CRM no longer returns many synced users; nobody's access is revoked. Check the users query; let it through with `wazzup-sync sync --allow-mass-delete ACCOUNT`"
+            );
+        }
         if let Some((would, mirrored)) = p.deletes_blocked {
             tracing::error!(
                 would_delete = would,
@@ -358,6 +548,7 @@ impl Engine {
             && report.deferred == 0
             && report.waiting == 0
             && report.deletes_blocked.is_none()
+            && report.leave_blocked.is_none()
             && report.rejected_remotely == 0;
         state::finish_account(
             &mut *session,
@@ -365,14 +556,62 @@ impl Engine {
             &job.token,
             outcome == AccountOutcome::Completed,
             outcome.reason(),
-            clean
-                .then_some(source_fingerprint)
-                .filter(|f| !f.is_empty()),
+            (
+                clean
+                    .then_some(source_fingerprint)
+                    .filter(|f| !f.is_empty()),
+                report.next_due,
+            ),
         )
         .await?;
         crate::db::hand_back(session).await;
         Ok(outcome)
     }
+}
+
+/// A deletion the guard holds: the user Wazzup holds, which the CRM no longer returns.
+fn delete_hold(job: &Job<'_>, user_id: &str) -> state::approvals::Hold {
+    let shown = job.shown(user_id);
+    state::approvals::Hold {
+        user_id: Some(user_id.to_string()),
+        channel_id: None,
+        action: "user_deleted",
+        before: Some(serde_json::json!({"name": shown.name, "phone": shown.phone})),
+        after: None,
+        content: serde_json::json!({"user_id": user_id, "in_crm": false}),
+        content_hash: crate::domain::content_hash(format!("gone\0{user_id}").as_bytes()),
+    }
+}
+
+/// A mass leave the guard holds: the users who would leave at once.
+fn leave_hold(ids: &[String]) -> state::approvals::Hold {
+    let mut ids = ids.to_vec();
+    ids.sort();
+    state::approvals::Hold {
+        user_id: None,
+        channel_id: None,
+        action: "mass_leave",
+        before: None,
+        after: Some(serde_json::json!({"leaving": ids.len()})),
+        content: serde_json::json!({ "leaving": ids }),
+        content_hash: crate::domain::content_hash(ids.join("\0").as_bytes()),
+    }
+}
+
+/// At Wazzup's user limit, with `needed` creates waiting for room: users in their grace are
+/// deleted early, those who left first first, as many as needed. They leave `plan.leaving`.
+fn early_leavers(plan: &mut UserPlan<'_>, needed: usize) -> Vec<String> {
+    if needed == 0 || plan.leaving.is_empty() {
+        return Vec::new();
+    }
+    plan.leaving.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+    let n = needed.min(plan.leaving.len());
+    let early: Vec<String> = plan.leaving.drain(..n).map(|(id, _)| id).collect();
+    tracing::info!(
+        users = early.len(),
+        "The account is at Wazzup's user limit: deleting users who left the CRM before their grace ends, to make room"
+    );
+    early
 }
 
 /// The creates to send once deletes made room: those refused for the user limit this cycle,

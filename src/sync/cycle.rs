@@ -172,8 +172,7 @@ impl Engine {
         };
         log_cycle(&report, opts);
         if !opts.dry_run {
-            self.export_dead_letter_gauges(opts.only_accounts.as_ref())
-                .await;
+            self.export_state_gauges(opts.only_accounts.as_ref()).await;
         }
         Ok(report)
     }

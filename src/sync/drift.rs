@@ -48,8 +48,15 @@ impl Engine {
             }
             Drift::Failed(e) => {
                 let why = format!("could not read the account back from Wazzup: {e}");
-                state::finish_account(&self.state, job.id(), &job.token, false, Some(&why), None)
-                    .await?;
+                state::finish_account(
+                    &self.state,
+                    job.id(),
+                    &job.token,
+                    false,
+                    Some(&why),
+                    (None, None),
+                )
+                .await?;
                 Ok(Some(AccountOutcome::Incomplete(why)))
             }
         }

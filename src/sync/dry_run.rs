@@ -19,7 +19,7 @@ impl Engine {
         report: &mut AccountReport,
     ) -> Result<AccountOutcome, StateError> {
         let id = &account.account_id;
-        let (mirror, pending, open, last, mirrored) = if mirror_exists {
+        let (mirror, pending, open, mut last, mirrored, left) = if mirror_exists {
             let with_doc = opts.detail || !norm.rejected_user_ids.is_empty();
             (
                 state::load_mirror(&self.state, id).await?,
@@ -31,6 +31,7 @@ impl Engine {
                 } else {
                     Default::default()
                 },
+                state::load_leavers(&self.state, id).await?,
             )
         } else {
             Default::default()
@@ -39,11 +40,14 @@ impl Engine {
         let p = plan::plan_users(
             norm,
             &mirror,
-            &pending,
-            &waiting,
+            (&pending, &waiting),
             self.settings.sync.delete_missing,
             self.guard(account, opts),
+            self.departures(&left),
         );
+        if !p.held_leavers.is_empty() && last.settings_doc.is_none() {
+            last.settings_doc = state::acknowledged_settings(&self.state, id).await?;
+        }
         report.rejected_locally = norm.rejected.len();
         report.phone_warnings = norm.phone_warnings;
         report.unchanged = p.unchanged;
@@ -52,6 +56,8 @@ impl Engine {
         report.would_update = p.updates.len();
         report.would_delete = p.deletes.len();
         report.deletes_blocked = p.deletes_blocked;
+        report.leaving = p.leaving.len();
+        report.leave_blocked = p.leave_blocked;
         // Assume every due push lands, to show the settings the cycle would send.
         let mut in_wazzup: foldhash::HashSet<&str> = mirror.keys().map(CrmText::as_str).collect();
         in_wazzup.extend(p.creates.iter().map(|u| u.payload.id.as_str()));
@@ -61,7 +67,7 @@ impl Engine {
         let doc = plan::settings_doc(
             norm,
             &in_wazzup,
-            last.settings_doc.as_ref(),
+            (last.settings_doc.as_ref(), &p.held_leavers),
             account.push_input_output_message_events_for_managers,
         )
         .to_owned_doc();

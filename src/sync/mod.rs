@@ -17,6 +17,7 @@ use crate::source::{self, SourceAccount};
 use crate::state;
 
 pub mod account;
+pub mod basis;
 pub mod batch;
 pub mod cycle;
 pub mod deletes;
@@ -193,13 +194,12 @@ impl Engine {
         }
     }
 
-    /// Sets `wazzup_sync_open_dead_letters` for every account the state knows (or only these),
-    /// from the table: accounts skipped as unchanged, and those whose last dead letter closed,
-    /// are exported too.
-    pub async fn export_dead_letter_gauges(
-        &self,
-        only: Option<&std::collections::HashSet<String>>,
-    ) {
+    /// Sets the gauges read from the state's tables, so that they are right after a restart
+    /// and the same in every replica: `wazzup_sync_open_dead_letters` for every account the
+    /// state knows (or only these; accounts skipped as unchanged, and those whose last dead
+    /// letter closed, are exported too), the approvals waiting per reason and the oldest one's
+    /// age, and the users in their grace.
+    pub async fn export_state_gauges(&self, only: Option<&std::collections::HashSet<String>>) {
         match state::open_dead_letter_counts(&self.state, only).await {
             Ok(counts) => {
                 for (account_id, n) in counts {
@@ -211,6 +211,22 @@ impl Engine {
                 error = %e,
                 "Could not count the open dead letters for the metrics"
             ),
+        }
+        match state::approvals::waiting_counts(&self.state).await {
+            Ok(rows) => {
+                let mut oldest: f64 = 0.0;
+                for (reason, n, age) in rows {
+                    metrics::gauge!("wazzup_sync_approvals_waiting", "reason" => reason)
+                        .set(n as f64);
+                    oldest = oldest.max(age);
+                }
+                metrics::gauge!("wazzup_sync_approvals_oldest_waiting_seconds").set(oldest);
+            }
+            Err(e) => tracing::warn!(error = %e, "Could not count the approvals for the metrics"),
+        }
+        match state::users_in_grace(&self.state).await {
+            Ok(n) => metrics::gauge!("wazzup_sync_users_in_grace").set(n as f64),
+            Err(e) => tracing::warn!(error = %e, "Could not count the users in their grace"),
         }
     }
 }

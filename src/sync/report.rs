@@ -74,6 +74,15 @@ pub struct AccountReport {
     /// Refused earlier, not yet due again.
     pub waiting: usize,
     pub deletes_blocked: Option<(usize, usize)>,
+    /// Users who left the CRM and wait out their grace in Wazzup, without access.
+    pub leaving: usize,
+    /// Leavers held back by the guard: (would leave, users mirrored).
+    pub leave_blocked: Option<(usize, usize)>,
+    /// Role rows whose widening waits for a person (`sync.hold_widening`).
+    pub withheld: usize,
+    /// When the first of those graces ends: the account is looked at again then.
+    #[serde(skip)]
+    pub next_due: Option<chrono::DateTime<chrono::Utc>>,
     pub phone_warnings: usize,
     /// Phones sent although libphonenumber does not know their range.
     pub phone_not_valid: usize,
@@ -189,6 +198,8 @@ fn log_summary(r: &AccountReport) {
                 created = r.created,
                 updated = r.updated,
                 deleted = r.deleted,
+                leaving = r.leaving,
+                withheld = r.withheld,
                 unchanged = r.unchanged,
                 settings_pushed = r.settings_pushed,
                 rejected_locally = r.rejected_locally,
@@ -238,6 +249,8 @@ pub fn log_cycle(c: &CycleReport, opts: &super::CycleOptions) {
         created = sum(|a| a.created),
         updated = sum(|a| a.updated),
         deleted = sum(|a| a.deleted),
+        leaving = sum(|a| a.leaving),
+        withheld = sum(|a| a.withheld),
         settings_pushed = sum(|a| a.settings_pushed as usize),
         rejected_locally = sum(|a| a.rejected_locally),
         rejected_remotely = sum(|a| a.rejected_remotely),

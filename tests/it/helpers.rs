@@ -216,6 +216,8 @@ pub fn env_for(db: &TestDb, sim: &Simulator, extra: &[(&str, &str)]) -> Vec<(Str
         ("WAZZUP_SYNC__WAZZUP__REQUEST_TIMEOUT_SECS", "5"),
         ("WAZZUP_SYNC__SOURCE__DEFAULT_PHONE_REGION", "LV"),
         ("WAZZUP_SYNC__LOG__FORMAT", "json"),
+        // Users who leave are deleted at once unless a test asks for a grace.
+        ("WAZZUP_SYNC__SYNC__DELETE_GRACE", "0s"),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))

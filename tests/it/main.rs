@@ -10,11 +10,13 @@
 
 mod helpers;
 
+mod approvals;
 mod connections;
 mod container;
 mod convergence;
 mod deploy;
 mod explain;
+mod grace;
 mod history;
 mod moves;
 mod notified;

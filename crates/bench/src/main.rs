@@ -385,6 +385,9 @@ async fn bench(args: &Args, url: &str) -> anyhow::Result<()> {
             "LV".into(),
         ),
         ("WAZZUP_SYNC__SYNC__ALLOW_MASS_DELETE".into(), "true".into()),
+        // Leavers deleted in the cycle they leave, as in the earlier results (the default
+        // grace would delete them a day later).
+        ("WAZZUP_SYNC__SYNC__DELETE_GRACE".into(), "0s".into()),
     ];
     let mut phases = Vec::new();
 

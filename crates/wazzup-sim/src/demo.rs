@@ -178,11 +178,12 @@ async fn sync_cycle(
     };
     let n = |field: &str| c[field].as_u64().unwrap_or(0);
     println!(
-        "{title}: {} accounts, {} created, {} updated, {} deleted, {} settings pushed, {} refused locally, {} refused by Wazzup; {} requests, {:.2} s",
+        "{title}: {} accounts, {} created, {} updated, {} deleted, {} leaving, {} settings pushed, {} refused locally, {} refused by Wazzup; {} requests, {:.2} s",
         n("accounts"),
         n("created"),
         n("updated"),
         n("deleted"),
+        n("leaving"),
         n("settings_pushed"),
         n("rejected_locally"),
         n("rejected_remotely"),
