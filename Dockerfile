@@ -20,6 +20,7 @@ RUN mkdir -p src crates/wazzup-api/src crates/wazzup-sim/src crates/bench/src \
     && cargo build --release --locked -p wazzup-sync \
     && rm -rf src crates/*/src
 COPY config ./config
+COPY build.rs ./
 COPY migrations ./migrations
 COPY src ./src
 COPY crates ./crates
@@ -39,7 +40,8 @@ FROM debian:bookworm-slim
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
-    && rm -rf /var/lib/apt/lists/* \
+    && apt-get clean \
+    && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
     && useradd --uid 10001 --no-create-home --shell /usr/sbin/nologin wazzup
 COPY --from=binary /wazzup-sync /usr/local/bin/wazzup-sync
 USER 10001

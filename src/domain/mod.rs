@@ -3,7 +3,6 @@
 //! Pure: rows in, valid payloads and rejections out. One file per concept: [`user`],
 //! [`phone`], [`role`], [`settings`]; [`normalize`] puts them together for one account.
 
-pub mod e164;
 pub mod hash;
 pub mod normalize;
 pub mod phone;
@@ -14,8 +13,8 @@ pub mod user;
 pub use hash::{content_hash, json_hash, salt_key, token_fingerprint};
 pub use normalize::{NormalizeOptions, Normalized, normalize_account};
 pub use phone::{
-    Phone, PhoneReading, Remembered, RememberedRow, RememberedUsers, mask_digits, mask_phone,
-    mask_raw_phone, normalize_phone, phone_source,
+    PHONENUMBER_VERSION, Phone, PhoneReading, Remembered, RememberedRow, RememberedUsers,
+    mask_digits, mask_phone, mask_raw_phone, normalize_phone, phone_source,
 };
 pub use role::{Role, RoleEntry, RoleRefusal, reach, read_role};
 pub use settings::{SettingsDoc, SettingsDocRef, settings_hash};

@@ -29,10 +29,25 @@ pub struct RememberedRow {
     pub hide_phone: bool,
 }
 
-/// The key under which a phone's reading is cached: the region matters to the result.
+/// The `phonenumber` version the daemon reads phones with (from Cargo.lock, by build.rs): its
+/// metadata decides how a phone reads, so it is part of every phone's cache key and of the salt
+/// of the row hashes. After an upgrade every phone is read again once.
+pub const PHONENUMBER_VERSION: &str = env!("PHONENUMBER_VERSION");
+
+/// Four hex digits of [`PHONENUMBER_VERSION`]'s hash, heading every cache key: short, so that
+/// most keys stay inline (see [`CrmText`]).
+fn rules_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| super::content_hash(PHONENUMBER_VERSION.as_bytes())[..4].to_string())
+}
+
+/// The key under which a phone's reading is cached: the `phonenumber` version and the region
+/// matter to the result.
 pub fn phone_source(raw: &str, region: Option<Region>) -> CrmText {
     let region: &str = region.as_ref().map(AsRef::as_ref).unwrap_or_default();
-    let mut key = CrmText::with_capacity(region.len() + 1 + raw.len());
+    let tag = rules_tag();
+    let mut key = CrmText::with_capacity(tag.len() + region.len() + 1 + raw.len());
+    key.push_str(tag);
     key.push_str(region);
     key.push('|');
     key.push_str(raw);
@@ -65,13 +80,6 @@ pub fn normalize_phone(raw: &str, region: Option<Region>) -> Phone {
         return Phone::Unreadable;
     }
     let parse = |region: Option<Region>, s: &str| -> Option<(CrmText, bool)> {
-        // The common international forms are read without libphonenumber's general parser,
-        // to the same result (see `e164`).
-        if region.is_none()
-            && let Some(reading) = super::e164::read(s)
-        {
-            return reading;
-        }
         let n = phonenumber::parse(region, s).ok()?;
         // E.164 without its `+`, written directly: the formatter would also match the
         // country's display formats, which E.164 does not use.
@@ -197,6 +205,53 @@ pub fn read_phone(
 mod tests {
     use super::*;
     use phonenumber::country::Id as Region;
+
+    #[test]
+    fn the_phonenumber_version_is_the_one_cargo_lock_holds() {
+        let lock =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock")).unwrap();
+        let entry = format!("name = \"phonenumber\"\nversion = \"{PHONENUMBER_VERSION}\"\n");
+        assert!(!PHONENUMBER_VERSION.is_empty());
+        assert!(lock.contains(&entry), "{PHONENUMBER_VERSION}");
+    }
+
+    #[test]
+    fn a_phone_read_under_another_phonenumber_version_is_read_again() {
+        let raw = "+371 26 123 456";
+        let remembered = |key: &str| {
+            let mut cache = RememberedUsers::default();
+            let reading = (CrmText::from(key), Some(CrmText::from("999")), true);
+            cache.insert(
+                "u1".into(),
+                Remembered {
+                    phone: Some(reading),
+                    row: None,
+                },
+            );
+            cache
+        };
+        let key = phone_source(raw, None);
+        assert!(key.starts_with(rules_tag()) && key.ends_with(raw));
+        // The reading remembered under this version's key is used as it is...
+        let cached = read_phone("u1", Some(raw), Some(&key), None, &remembered(&key));
+        assert_eq!(
+            cached,
+            Phone::Parsed {
+                digits: "999".into(),
+                valid: true
+            }
+        );
+        // ...and one remembered before the key held the version is not.
+        let older = format!("|{raw}");
+        let read = read_phone("u1", Some(raw), Some(&key), None, &remembered(&older));
+        assert_eq!(
+            read,
+            Phone::Parsed {
+                digits: "37126123456".into(),
+                valid: true
+            }
+        );
+    }
 
     #[test]
     fn phones_become_international_digits() {
