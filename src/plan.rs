@@ -1,5 +1,7 @@
-//! Pure decisions: what to push for an account, what its settings document is, how to split a
-//! rejected batch. No I/O here.
+//! Pure decisions for one account: which users to create, update and delete (behind the
+//! deletion guard, with the leavers' grace), what its settings document is, what changes
+//! between two documents (for `plan --detail`, the history and the widening holds), and which
+//! changes widen access. No I/O here; batches are split in `sync::batch`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -8,8 +10,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::domain::{
-    CrmText, Entity, Mirror, Normalized, Role, RoleEntry, SettingsDoc, SettingsDocRef, ValidUser,
-    mask_phone, reach,
+    CrmText, Entity, LastPushed, Mirror, Normalized, Role, RoleEntry, RowValues, SettingsDoc,
+    SettingsDocRef, ValidUser, mask_phone, reach,
 };
 
 /// Record id of the account's whole settings document in the dead-letter table.
@@ -234,14 +236,6 @@ pub fn settings_doc<'a>(
 /// True when the settings document was refused before and is not yet due again.
 pub fn settings_waiting(waiting: &Waiting, hash: &str) -> bool {
     is_waiting(waiting, Entity::Settings, SETTINGS_RECORD, hash)
-}
-
-/// What Wazzup last acknowledged for a user: the mirror's name and phone.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LastPushed {
-    /// None for users synced before names were kept.
-    pub name: Option<String>,
-    pub phone: Option<String>,
 }
 
 /// One record of `plan --detail`: what a cycle would do to one user or one of its role rows.
@@ -621,6 +615,25 @@ impl DocDiff<'_> {
         match *self {
             DocDiff::Role { from, to, .. } => widens(from, Some(to)),
             _ => false,
+        }
+    }
+
+    /// Its channel, and its values before and after as the history keeps them: a role row's
+    /// (role, new clients), or (None, flag) for a phone's hidden flag or the push flag.
+    pub fn values(&self) -> (Option<&str>, Option<RowValues>, Option<RowValues>) {
+        let role = |a: Access| (Some(a.role.as_str()), a.allow_get_new_clients);
+        match *self {
+            DocDiff::Role {
+                channel_id,
+                from,
+                to,
+                ..
+            } => (Some(channel_id), from.map(role), Some(role(to))),
+            DocDiff::Revoked {
+                channel_id, access, ..
+            } => (Some(channel_id), Some(role(access)), None),
+            DocDiff::Hidden { hidden, .. } => (None, Some((None, !hidden)), Some((None, hidden))),
+            DocDiff::Push { on } => (None, Some((None, !on)), Some((None, on))),
         }
     }
 

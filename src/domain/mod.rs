@@ -17,16 +17,18 @@ pub use phone::{
     mask_digits, mask_phone, mask_raw_phone, normalize_phone, phone_source,
 };
 pub use role::{Role, RoleEntry, RoleRefusal, reach, read_role};
-pub use settings::{SettingsDoc, SettingsDocRef, settings_hash};
+pub use settings::{RowValues, SettingsDoc, SettingsDocRef, settings_hash};
 pub use user::{
-    MAX_ID_CHARS, MAX_NAME_CHARS, UserPayload, ValidUser, clip, compare_ids, user_hash,
+    LastPushed, MAX_ID_CHARS, MAX_NAME_CHARS, UserPayload, ValidUser, clip, compare_ids, user_hash,
 };
 
 /// The mirror of one account: user id → hash of the payload Wazzup acknowledged.
 pub type Mirror = foldhash::HashMap<CrmText, String>;
 
-/// A CRM value as read: kept inline when it is short (up to 24 bytes), as most are.
-pub type CrmText = wazzup_api::Text;
+/// A CRM value as read: kept inline when it is short (up to 24 bytes), as most are. The same
+/// representation as the API's strings ([`wazzup_api::Text`]), so a value read is sent without
+/// a copy; a test holds the two equal.
+pub type CrmText = compact_str::CompactString;
 
 /// A users-query row as read from the CRM (its account is the one it was handed over with);
 /// every field may be missing or NULL.
@@ -51,8 +53,7 @@ pub struct SourceRole {
 
 /// What a dead letter is about: a user, the account's settings (the whole document, record id
 /// `(document)`, or one role row, record id `user/channel`), or a deletion.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, sqlx::Type, serde::Serialize)]
-#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Entity {
     User,

@@ -3,12 +3,17 @@
 
 pub use wazzup_api::{SettingsDoc, SettingsDocRef};
 
-use super::hash::json_hash;
+use super::hash::content_hash;
 
-/// The hash of a canonical document (see [`SettingsDoc::canonicalize`]).
-pub fn settings_hash(doc: &SettingsDoc) -> String {
-    json_hash(doc)
+/// The hash of a canonical document (see [`SettingsDoc::canonicalize`]): of the bytes
+/// [`SettingsDocRef::to_json`] writes, which `sync` sends.
+pub fn settings_hash(doc: &SettingsDocRef<'_>) -> String {
+    content_hash(&doc.to_json())
 }
+
+/// A settings value as the history keeps it: a role row's (role, new clients), or (None, flag)
+/// for a phone's hidden flag or the account's push flag.
+pub type RowValues = (Option<&'static str>, bool);
 
 #[cfg(test)]
 mod tests {
@@ -41,6 +46,6 @@ mod tests {
         };
         d1.canonicalize();
         d2.canonicalize();
-        assert_eq!(settings_hash(&d1), settings_hash(&d2));
+        assert_eq!(settings_hash(&d1.view()), settings_hash(&d2.view()));
     }
 }

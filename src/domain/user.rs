@@ -165,9 +165,27 @@ fn check_name(name: Option<&str>) -> Result<&str, (&'static str, String)> {
     Ok(name)
 }
 
+/// What Wazzup last acknowledged for a user: the mirror's name and phone.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LastPushed {
+    /// None for users synced before names were kept.
+    pub name: Option<String>,
+    pub phone: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_crm_value_is_sent_as_it_was_read_without_a_copy() {
+        // The domain's text and the API's are one type: this moves, it does not convert.
+        let read = CrmText::from("Jānis 😀 with a name longer than 24 bytes");
+        let sent: wazzup_api::Text = read;
+        assert_eq!(sent, "Jānis 😀 with a name longer than 24 bytes");
+        assert!(sent.is_heap_allocated());
+        assert!(!CrmText::from("short id").is_heap_allocated(), "short values stay inline");
+    }
 
     #[test]
     fn the_hash_changes_with_the_payload_and_only_with_it() {

@@ -260,20 +260,17 @@ pub async fn mark_auth_failed(
     Ok(())
 }
 
-/// Records the settings document Wazzup acknowledged, the hashes of its role rows
-/// ([`crate::plan::role_hash`], in its order), and its history rows (`diff`: what changed
-/// from the document Wazzup held, see [`crate::plan::doc_diff`], each with its cause), in one
-/// statement. Returns how
-/// many rows of each action were written, those that widen access apart: (action, widens
-/// access, rows).
+/// Records the settings document Wazzup acknowledged, the hashes of its role rows (in its
+/// order), and its history rows (what changed from the document Wazzup held, each with its
+/// cause), in one statement. Returns how many rows of each action were written, those that
+/// widen access apart: (action, widens access, rows).
 pub async fn save_settings(
     pool: &PgPool,
     account_id: &str,
     (doc_json, hash, role_hashes): (&str, &str, &[i64]),
-    diff: &[crate::plan::DocDiff<'_>],
+    rows: SettingsRows<'_>,
     (cycle, causes): (Option<i64>, &[super::Cause]),
 ) -> Result<Vec<(String, bool, i64)>> {
-    let rows = DiffColumns::of(diff);
     let causes: Vec<&str> = causes.iter().map(|c| c.as_str()).collect();
     // A role row's values are {role, allow_get_new_clients}; a phone's {hidden}; the push
     // flag's {push}. NULL where there is no row. A widening a person approved names them, and
@@ -332,10 +329,9 @@ pub async fn save_settings(
     .map_err(Into::into)
 }
 
-/// The history rows of a settings push, column by column, as `save_settings` binds them: a
-/// role row's role and flag before and after, or a phone's hidden flag, or the push flag.
+/// The history rows of a settings push, column by column, as `save_settings` binds them.
 #[derive(Default)]
-struct DiffColumns<'a> {
+pub struct SettingsRows<'a> {
     users: Vec<Option<&'a str>>,
     channels: Vec<Option<&'a str>>,
     actions: Vec<&'static str>,
@@ -346,37 +342,27 @@ struct DiffColumns<'a> {
     widens: Vec<bool>,
 }
 
-impl<'a> DiffColumns<'a> {
-    fn of(diff: &'a [crate::plan::DocDiff<'a>]) -> Self {
-        use crate::plan::{Access, DocDiff};
-        let role = |a: Access| (Some(a.role.as_str()), a.allow_get_new_clients);
-        let mut c = DiffColumns::default();
-        for d in diff {
-            let (channel, before, after) = match *d {
-                DocDiff::Role {
-                    channel_id,
-                    from,
-                    to,
-                    ..
-                } => (Some(channel_id), from.map(role), Some(role(to))),
-                DocDiff::Revoked {
-                    channel_id, access, ..
-                } => (Some(channel_id), Some(role(access)), None),
-                DocDiff::Hidden { hidden, .. } => {
-                    (None, Some((None, !hidden)), Some((None, hidden)))
-                }
-                DocDiff::Push { on } => (None, Some((None, !on)), Some((None, on))),
-            };
-            c.users.push(d.user_id());
-            c.channels.push(channel);
-            c.actions.push(d.action());
-            c.widens.push(d.widens());
-            c.old_role.push(before.and_then(|b| b.0));
-            c.old_flag.push(before.map(|b| b.1));
-            c.new_role.push(after.and_then(|a| a.0));
-            c.new_flag.push(after.map(|a| a.1));
-        }
-        c
+impl<'a> SettingsRows<'a> {
+    /// One row: whose and which channel's, the action, whether it widens access, and the
+    /// values before and after (None: no row).
+    pub fn push(
+        &mut self,
+        (user, channel): (Option<&'a str>, Option<&'a str>),
+        action: &'static str,
+        widens: bool,
+        (before, after): (
+            Option<crate::domain::RowValues>,
+            Option<crate::domain::RowValues>,
+        ),
+    ) {
+        self.users.push(user);
+        self.channels.push(channel);
+        self.actions.push(action);
+        self.widens.push(widens);
+        self.old_role.push(before.and_then(|b| b.0));
+        self.old_flag.push(before.map(|b| b.1));
+        self.new_role.push(after.and_then(|a| a.0));
+        self.new_flag.push(after.map(|a| a.1));
     }
 }
 

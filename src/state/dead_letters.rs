@@ -100,6 +100,36 @@ pub async fn open_dead_letter_counts(
     Ok(counts)
 }
 
+/// A dead letter's entity is stored as its text (`user`, `settings`, `delete`).
+impl sqlx::Type<sqlx::Postgres> for Entity {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for Entity {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> std::result::Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        <&str as sqlx::Encode<sqlx::Postgres>>::encode(self.as_str(), buf)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for Entity {
+    fn decode(
+        value: sqlx::postgres::PgValueRef<'r>,
+    ) -> std::result::Result<Self, sqlx::error::BoxDynError> {
+        let text = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+        Entity::parse(text)
+            .ok_or_else(|| format!("no dead-letter entity is called {text:?}").into())
+    }
+}
+
 /// An open dead letter (or one an operator discarded), as the planner needs it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OpenDeadLetter {

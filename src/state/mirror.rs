@@ -8,8 +8,8 @@ use sqlx::{PgExecutor, Row};
 
 use super::Result;
 use crate::db::arrays::{bools, int8s, texts};
+use crate::domain::LastPushed;
 use crate::domain::{CrmText, Mirror, Remembered, RememberedRow, RememberedUsers, ValidUser};
-use crate::plan::LastPushed;
 
 /// The users bound by [`bind_users`], as a table `u` of the statement ($2 to $9).
 macro_rules! users_table {

@@ -69,10 +69,11 @@ impl Engine {
             &in_wazzup,
             (last.settings_doc.as_ref(), &p.held_leavers),
             account.push_input_output_message_events_for_managers,
-        )
-        .to_owned_doc();
+        );
+        // Hashed as `sync` hashes what it sends.
         report.settings_changed =
             last.settings_hash.as_deref() != Some(settings_hash(&doc).as_str());
+        let doc = doc.to_owned_doc();
         if opts.detail {
             report.records = plan::detail(&plan::DetailInput {
                 account_id: id,

@@ -8,7 +8,7 @@ use super::basis::{self, Basis};
 use super::report::AccountReport;
 use super::{Engine, Stop};
 use crate::domain::{
-    CrmText, Entity, Mirror, RoleEntry, SettingsDocRef, content_hash, mask_digits,
+    CrmText, Entity, Mirror, RoleEntry, SettingsDocRef, content_hash, mask_digits, settings_hash,
 };
 use crate::plan::{self, SETTINGS_RECORD};
 use crate::state::{self, AccountState, RemoteRejection, Resolution, StateError};
@@ -44,7 +44,7 @@ impl Engine {
         if hold
             && !blocked
             && (job.approvals_open
-                || last.settings_hash.as_deref() != Some(content_hash(&wanted.to_json()).as_str()))
+                || last.settings_hash.as_deref() != Some(settings_hash(&wanted).as_str()))
         {
             let mut b = self.basis(job, last, !report.settings_pushed).await?;
             withheld = self.widening_holds(job, &mut b, &wanted).await?;
@@ -182,9 +182,19 @@ impl Engine {
                 _ => cause,
             })
             .collect();
+        let mut rows = state::SettingsRows::default();
+        for d in &diff {
+            let (channel, before, after) = d.values();
+            rows.push(
+                (d.user_id(), channel),
+                d.action(),
+                d.widens(),
+                (before, after),
+            );
+        }
         let record = (job.record.cycle, &causes[..]);
         let written =
-            state::save_settings(&self.state, job.id(), (text, hash, &hashes), &diff, record);
+            state::save_settings(&self.state, job.id(), (text, hash, &hashes), rows, record);
         for (action, widens, n) in written.await? {
             super::report::changes_recorded(&action, n as u64);
             if widens {

@@ -487,6 +487,35 @@ async fn plan_sends_nothing_and_writes_nothing() {
 }
 
 #[tokio::test]
+async fn plan_hashes_the_settings_as_sync_sent_them_whatever_the_ids_hold() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    let ids = ["q\"uote", "back\\slash", "Bērziņš", "smile😀"];
+    for (i, id) in ids.iter().enumerate() {
+        db.add_user("a1", id, &format!("User {i}"), None).await;
+        db.add_role("a1", id, "kanāls \"1\" \\ 😀", "manager", i % 2 == 0)
+            .await;
+    }
+    db.exec("UPDATE wazzup_users SET hide_phone = true").await;
+    sync(&db, &sim, &[]).await;
+    let held = sim.settings("tok-1");
+    assert_eq!(held.user_roles.len(), ids.len(), "{held:?}");
+    assert_eq!(held.hide_phone_numbers_for_user_ids.len(), ids.len());
+
+    let out = run_bin(&["plan", "--format", "json"], &env_for(&db, &sim, &[])).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json plan");
+    assert_eq!(json["accounts"][0]["settings_changed"], false, "{json}");
+    // And a real change is seen as one.
+    db.exec("UPDATE wazzup_user_roles SET role = 'auditor' WHERE user_id = 'Bērziņš'")
+        .await;
+    let out = run_bin(&["plan", "--format", "json"], &env_for(&db, &sim, &[])).await;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json plan");
+    assert_eq!(json["accounts"][0]["settings_changed"], true, "{json}");
+}
+
+#[tokio::test]
 async fn single_account_mode_needs_no_accounts_query_nor_account_columns() {
     let db = TestDb::new().await;
     db.exec(

@@ -108,49 +108,10 @@ impl SettingsDocRef<'_> {
         sort_dedup(&mut self.hide_phone_numbers_for_user_ids);
     }
 
-    /// The document's JSON, byte for byte what `serde_json` writes for it (stored hashes stay
-    /// valid), written directly: its keys are constants, and a value with nothing to escape is
-    /// copied as it is. An account's document is serialized every cycle to be hashed.
+    /// The document's JSON: the one writer of the settings document. `sync` hashes and sends
+    /// these bytes, `plan` hashes them, and the hashes stored in the state are of them.
     pub fn to_json(&self) -> Vec<u8> {
-        let roles: usize = self
-            .user_roles
-            .iter()
-            .map(|r| 96 + r.user_id.len() + r.channel_id.len())
-            .sum();
-        let hidden: usize = self
-            .hide_phone_numbers_for_user_ids
-            .iter()
-            .map(|id| 3 + id.len())
-            .sum();
-        let mut out = Vec::with_capacity(128 + roles + hidden);
-        out.extend_from_slice(br#"{"user_roles":["#);
-        for (i, r) in self.user_roles.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(br#"{"user_id":"#);
-            json_string(&mut out, &r.user_id);
-            out.extend_from_slice(br#","channel_id":"#);
-            json_string(&mut out, &r.channel_id);
-            out.extend_from_slice(br#","role":""#);
-            out.extend_from_slice(r.role.as_str().as_bytes());
-            out.extend_from_slice(br#"","allow_get_new_clients":"#);
-            out.extend_from_slice(json_bool(r.allow_get_new_clients));
-            out.push(b'}');
-        }
-        out.extend_from_slice(br#"],"hide_phone_numbers_for_user_ids":["#);
-        for (i, id) in self.hide_phone_numbers_for_user_ids.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            json_string(&mut out, id);
-        }
-        out.extend_from_slice(br#"],"push_input_output_message_events_for_managers":"#);
-        out.extend_from_slice(json_bool(
-            self.push_input_output_message_events_for_managers,
-        ));
-        out.push(b'}');
-        out
+        serde_json::to_vec(self).expect("a settings document serializes")
     }
 
     pub fn to_owned_doc(&self) -> SettingsDoc {
@@ -165,22 +126,6 @@ impl SettingsDocRef<'_> {
                 .push_input_output_message_events_for_managers,
         }
     }
-}
-
-/// A JSON string as `serde_json` writes it: quoted, with `"`, `\\` and control characters
-/// escaped (by `serde_json` itself, for the rare value that has one).
-fn json_string(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    } else {
-        serde_json::to_writer(&mut *out, s).expect("a string serializes");
-    }
-}
-
-fn json_bool(b: bool) -> &'static [u8] {
-    if b { b"true" } else { b"false" }
 }
 
 #[cfg(test)]
