@@ -66,6 +66,132 @@ pub struct SourceSettings {
     pub listen_url: SecretString,
     #[serde(default)]
     pub role_map: BTreeMap<String, String>,
+    /// The query settings whose trailing `;` was stripped at load, for `check` to say so.
+    #[serde(skip)]
+    pub stripped: Vec<&'static str>,
+}
+
+impl SourceSettings {
+    /// Makes queries pasted from psql work inside the daemon's own: a trailing `;` is stripped,
+    /// and a query whose last line holds a `--` comment ends with a new line, so that the
+    /// comment cannot swallow what is written after it.
+    fn tidy_queries(&mut self) {
+        for (key, q) in [
+            ("SOURCE__USERS_QUERY", &mut self.users_query),
+            ("SOURCE__ROLES_QUERY", &mut self.roles_query),
+            ("SOURCE__ACCOUNTS_QUERY", &mut self.accounts_query),
+        ] {
+            let (tidy, stripped) = tidy_query(q);
+            *q = tidy;
+            if stripped {
+                self.stripped.push(key);
+            }
+        }
+    }
+}
+
+/// A query as the daemon can wrap it, and whether a trailing `;` was stripped (see
+/// [`SourceSettings::tidy_queries`]). Strings, quoted names, dollar quotes and comments are
+/// skipped over, so only a `;` that ends the code is taken.
+pub fn tidy_query(sql: &str) -> (String, bool) {
+    let mut text = sql.to_string();
+    let mut stripped = false;
+    while let Some(end) = last_code_byte(&text) {
+        if text.as_bytes()[end] != b';' {
+            break;
+        }
+        text.remove(end);
+        stripped = true;
+    }
+    let text = text.trim_end().to_string();
+    let last_line = text.rsplit('\n').next().unwrap_or_default();
+    if last_line.contains("--") {
+        (text + "\n", stripped)
+    } else {
+        (text, stripped)
+    }
+}
+
+/// The byte index of the last character of code: not whitespace, and not in a comment.
+fn last_code_byte(sql: &str) -> Option<usize> {
+    let b = sql.as_bytes();
+    let (mut i, mut last) = (0, None);
+    while i < b.len() {
+        let rest = &sql[i..];
+        let skip_to = |close: &str, from: usize| {
+            rest[from..]
+                .find(close)
+                .map_or(b.len(), |at| i + from + at + close.len())
+        };
+        let next = if rest.starts_with("--") {
+            // A line comment: not code.
+            i = skip_to("\n", 2);
+            continue;
+        } else if rest.starts_with("/*") {
+            i = block_comment_end(sql, i);
+            continue;
+        } else if b[i] == b'\'' || b[i] == b'"' {
+            quoted_end(b, i)
+        } else if let Some(tag) = dollar_tag(rest) {
+            skip_to(tag, tag.len())
+        } else {
+            i + rest.chars().next().map_or(1, char::len_utf8)
+        };
+        if !b[i].is_ascii_whitespace() {
+            // A token's first byte: a `;` alone, never the `;` inside a string.
+            last = Some(i);
+        }
+        i = next;
+    }
+    last
+}
+
+/// Where a `/* … */` comment starting at `start` ends (PostgreSQL nests them).
+fn block_comment_end(sql: &str, start: usize) -> usize {
+    let b = sql.as_bytes();
+    let (mut depth, mut i) = (0usize, start);
+    while i + 1 < b.len() {
+        match (b[i], b[i + 1]) {
+            (b'/', b'*') => (depth, i) = (depth + 1, i + 2),
+            (b'*', b'/') => {
+                (depth, i) = (depth - 1, i + 2);
+                if depth == 0 {
+                    return i;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    b.len()
+}
+
+/// Where a '…' string or "…" name starting at `start` ends (a doubled quote is inside it).
+fn quoted_end(b: &[u8], start: usize) -> usize {
+    let quote = b[start];
+    let mut i = start + 1;
+    while i < b.len() {
+        if b[i] == quote {
+            if b.get(i + 1) == Some(&quote) {
+                i += 2;
+                continue;
+            }
+            return i + 1;
+        }
+        i += 1;
+    }
+    b.len()
+}
+
+/// The `$tag$` opening a dollar-quoted string at the start of `rest`, if one does.
+fn dollar_tag(rest: &str) -> Option<&str> {
+    let body = rest.strip_prefix('$')?;
+    let end = body.find('$')?;
+    let tag = &body[..end];
+    let valid = tag
+        .chars()
+        .enumerate()
+        .all(|(n, c)| c == '_' || c.is_alphabetic() || (n > 0 && c.is_ascii_digit()));
+    valid.then(|| &rest[..end + 2])
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -158,7 +284,8 @@ impl Settings {
                 .source(Some(vars)),
         );
         let raw = builder.build().map_err(describe_config_error)?;
-        let settings: Settings = raw.try_deserialize().map_err(describe_config_error)?;
+        let mut settings: Settings = raw.try_deserialize().map_err(describe_config_error)?;
+        settings.source.tidy_queries();
         settings.validate()?;
         Ok(settings)
     }
@@ -543,6 +670,54 @@ pub fn validate_cron(expr: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_pasted_from_psql_loses_its_semicolon_and_ends_after_its_comment() {
+        let cases = [
+            ("SELECT 1", "SELECT 1", false),
+            ("SELECT 1;", "SELECT 1", true),
+            ("SELECT 1 ;;\n  ", "SELECT 1", true),
+            ("SELECT 1; -- the users\n", "SELECT 1 -- the users\n", true),
+            ("SELECT 1\n-- the users", "SELECT 1\n-- the users\n", false),
+            (
+                "SELECT 1; /* the /* nested */ users */",
+                "SELECT 1 /* the /* nested */ users */",
+                true,
+            ),
+            ("SELECT ';'", "SELECT ';'", false),
+            ("SELECT 'it''s;'", "SELECT 'it''s;'", false),
+            ("SELECT \"a;\" FROM t", "SELECT \"a;\" FROM t", false),
+            ("SELECT $x$;$x$", "SELECT $x$;$x$", false),
+            ("SELECT $$ ; $$;", "SELECT $$ ; $$", true),
+            (
+                "SELECT 'a' -- no; comment",
+                "SELECT 'a' -- no; comment\n",
+                false,
+            ),
+            ("SELECT 'ü';", "SELECT 'ü'", true),
+        ];
+        for (pasted, wrapped, stripped) in cases {
+            assert_eq!(
+                tidy_query(pasted),
+                (wrapped.to_string(), stripped),
+                "{pasted:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn check_is_told_which_queries_lost_a_semicolon() {
+        let s = Settings::load_from(
+            None,
+            vars(&[
+                ("WAZZUP_SYNC__SOURCE__URL", "postgres://u@localhost/crm"),
+                ("WAZZUP_SYNC__SOURCE__ROLES_QUERY", "SELECT * FROM roles;"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.source.stripped, ["SOURCE__ROLES_QUERY"]);
+        assert_eq!(s.source.roles_query, "SELECT * FROM roles");
+    }
 
     fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

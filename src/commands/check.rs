@@ -69,6 +69,12 @@ async fn check_crm(engine: &Engine, out: &mut Lines) {
     if multi {
         queries.push((&settings.source.accounts_query, &ACCOUNTS_SHAPE));
     }
+    for key in &settings.source.stripped {
+        out.say(
+            Verdict::Ok,
+            format!("WAZZUP_SYNC__{key} ended in `;`, which is stripped: the query is wrapped in the daemon's own"),
+        );
+    }
     for (q, shape) in queries {
         match source::check_query(&engine.source, q, shape, multi).await {
             Ok(()) => out.say(Verdict::Ok, format!("{} query columns", shape.name)),
