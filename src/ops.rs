@@ -117,7 +117,7 @@ impl Health {
 /// Exports every counter at 0 and the gauges that have a value before the first cycle, so
 /// dashboards and alerts see the series from the start (and `absent()` means the daemon is gone).
 pub fn register_metrics() {
-    for result in ["ok", "partial"] {
+    for result in ["ok", "partial", "failed"] {
         metrics::counter!("wazzup_sync_cycles_total", "result" => result).increment(0);
     }
     for outcome in [

@@ -329,6 +329,7 @@ impl FailureLog {
                 self.in_a_row = 0;
             }
             Err(e) => {
+                metrics::counter!("wazzup_sync_cycles_total", "result" => "failed").increment(1);
                 self.in_a_row += 1;
                 if self.in_a_row.is_power_of_two() {
                     let why = engine.explain(&e).await;

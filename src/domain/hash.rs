@@ -37,16 +37,31 @@ mod tests {
     use crate::domain::UserPayload;
 
     #[test]
-    fn a_payload_hashes_as_its_json_streamed_into_the_hasher_did() {
+    fn a_user_is_hashed_as_the_json_wazzup_receives() {
         let payload = UserPayload {
             id: "42".into(),
             name: "Jānis \"JB\" Bērziņš".into(),
             phone: Some("37126123456".into()),
         };
-        let mut hasher = blake3::Hasher::new();
-        serde_json::to_writer(&mut hasher, &payload).unwrap();
-        let streamed = hasher.finalize().to_hex()[..32].to_string();
-        assert_eq!(json_hash(&payload), streamed);
-        assert_eq!(json_hash(&payload).len(), 32);
+        let wire = r#"{"id":"42","name":"Jānis \"JB\" Bērziņš","phone":"37126123456"}"#;
+        assert_eq!(json_hash(&payload), content_hash(wire.as_bytes()));
+        // Without a phone, the key is left out, as in the request.
+        let no_phone = UserPayload {
+            phone: None,
+            ..payload
+        };
+        let wire = r#"{"id":"42","name":"Jānis \"JB\" Bērziņš"}"#;
+        assert_eq!(json_hash(&no_phone), content_hash(wire.as_bytes()));
+        assert_eq!(json_hash(&no_phone).len(), 32);
+    }
+
+    #[test]
+    fn another_salt_gives_another_key_and_a_token_is_never_its_fingerprint() {
+        assert_ne!(salt_key("0.1.0|RU"), salt_key("0.1.0|LV"));
+        assert_eq!(salt_key("0.1.0|RU"), salt_key("0.1.0|RU"));
+        let token = SecretString::from("a-token-of-some-length".to_string());
+        let print = token_fingerprint(&token);
+        assert_eq!(print.len(), 16);
+        assert!(!"a-token-of-some-length".contains(&print));
     }
 }

@@ -423,6 +423,40 @@ impl Drop for PrivatePg {
     }
 }
 
+/// Waits (up to 30 s) until the daemon has a LISTEN session on this database, a cycle that
+/// started after that session opened has finished, and no cycle runs: what it reads after
+/// then is what the test writes next.
+pub async fn wait_until_listening_and_idle(db: &TestDb) {
+    let ready = "SELECT EXISTS (SELECT 1 FROM wazzup_sync.cycles c, pg_stat_activity a
+                   WHERE a.application_name = 'wazzup-sync' AND a.datname = current_database()
+                     AND a.query LIKE 'LISTEN%' AND c.finished_at IS NOT NULL
+                     AND c.started_at >= a.backend_start)
+                 AND NOT EXISTS (SELECT 1 FROM wazzup_sync.cycles WHERE finished_at IS NULL)";
+    wait_for(db, ready, "the daemon to listen and finish its cycle").await;
+}
+
+/// Waits (up to 30 s) until no cycle of the daemon's is running.
+pub async fn wait_until_idle(db: &TestDb) {
+    let idle = "SELECT EXISTS (SELECT 1 FROM wazzup_sync.cycles)
+                AND NOT EXISTS (SELECT 1 FROM wazzup_sync.cycles WHERE finished_at IS NULL)";
+    wait_for(db, idle, "no cycle to run").await;
+}
+
+async fn wait_for(db: &TestDb, condition: &'static str, what: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let met: Result<bool, _> = sqlx::query_scalar(condition).fetch_one(&db.pool).await;
+        if met.unwrap_or(false) {
+            return;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "waited 30 s for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// A TCP port nothing listens on (at the time of asking).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

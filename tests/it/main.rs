@@ -11,6 +11,7 @@
 mod helpers;
 
 mod approvals;
+mod arrays;
 mod connections;
 mod container;
 mod convergence;

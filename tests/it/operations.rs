@@ -97,8 +97,17 @@ async fn readiness_fails_while_a_database_is_unreachable() {
         ],
     );
     let mut child = spawn_bin(&["run"], &env);
-    // It keeps retrying its migration rather than exiting, and is alive but not ready.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // It keeps retrying its migration rather than exiting, and is alive but not ready: its
+    // /readyz answers 503 and names the database that cannot be reached.
+    let (status, body) = poll(&format!("http://{listen}/readyz"), 30, |_, _| true)
+        .await
+        .expect("/readyz answers while the state database is down");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.starts_with("not ready: "), "{body}");
+    assert!(
+        body.contains("Cannot connect to the state database"),
+        "{body}"
+    );
     assert!(
         child.try_wait().unwrap().is_none(),
         "the daemon keeps running"
@@ -317,7 +326,7 @@ async fn a_notification_from_the_crm_syncs_its_account_without_waiting_for_the_s
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(sim.users("tok-1").len(), 2, "the start-up cycle ran");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_until_listening_and_idle(&db).await;
     sim.clear_requests();
 
     // The trigger an operator adds to the CRM tables does this; a burst costs one cycle.
@@ -340,7 +349,7 @@ async fn a_notification_from_the_crm_syncs_its_account_without_waiting_for_the_s
     let landed = landed.expect("the notified account was synced");
     eprintln!("NOTIFY to landed: {landed:?}");
     assert!(landed < Duration::from_secs(5));
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until_idle(&db).await;
     let posts = sim.requests().iter().filter(|r| r.method == "POST").count();
     assert_eq!(posts, 1, "five notifications, one cycle");
     assert!(
@@ -420,6 +429,50 @@ async fn check_reports_each_part_and_fails_on_a_missing_column_or_a_refused_toke
         stdout.contains("FAIL The users query has no column `name`"),
         "{stdout}"
     );
+}
+
+#[tokio::test]
+async fn queries_pasted_from_psql_with_a_semicolon_or_a_comment_line_work() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.add_users("a1", 3).await;
+    let env = env_for(
+        &db,
+        &sim,
+        &[
+            (
+                "WAZZUP_SYNC__SOURCE__USERS_QUERY",
+                "SELECT * FROM wazzup_users;\n",
+            ),
+            (
+                "WAZZUP_SYNC__SOURCE__ROLES_QUERY",
+                "SELECT * FROM wazzup_user_roles\n-- every role row",
+            ),
+            (
+                "WAZZUP_SYNC__SOURCE__ACCOUNTS_QUERY",
+                "SELECT * FROM wazzup_accounts; -- with their tokens",
+            ),
+        ],
+    );
+    let out = run_bin(&["check"], &env).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    for line in [
+        "ok   WAZZUP_SYNC__SOURCE__USERS_QUERY ended in `;`, which is stripped",
+        "ok   WAZZUP_SYNC__SOURCE__ACCOUNTS_QUERY ended in `;`, which is stripped",
+        "ok   users query columns",
+        "ok   user roles query columns",
+        "ok   accounts query columns",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing from\n{stdout}");
+    }
+    assert!(!stdout.contains("ROLES_QUERY ended"), "{stdout}");
+    let out = run_bin(&["sync"], &env).await;
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(sim.users("tok-1").len(), 3);
+    assert_eq!(sim.settings("tok-1").user_roles.len(), 3);
 }
 
 #[tokio::test]
