@@ -3,8 +3,8 @@
 //! of it.
 //!
 //! Per-token accounts with users and settings, the documented limits (100 per request,
-//! 64/150 characters, 1,000 users, unique phones), errors as `{error, description, data}`,
-//! and a switchboard of faults. It listens on loopback only.
+//! 64/150 characters, 1,000 users, unique phones, 500 requests per 5 s), errors as
+//! `{error, description, data}`, and a switchboard of faults. It listens on loopback only.
 
 #![allow(clippy::too_many_lines)] // A test tool; its handlers read best whole.
 
@@ -28,6 +28,10 @@ use wazzup_api::{SettingsDoc, UserPayload};
 
 /// Users one account may hold.
 pub const USER_LIMIT: usize = 1000;
+
+/// Wazzup's rate limit: this many requests per token in each window; beyond it, HTTP 429
+/// until the window's counter resets.
+pub const RATE_LIMIT: (usize, Duration) = (500, Duration::from_secs(5));
 
 /// How the simulator checks that phones are unique within an account. The public material does
 /// not say which the real API does, so the daemon must converge under both.
@@ -153,6 +157,10 @@ struct SimState {
     phone_check: PhoneCheck,
     /// Every user stored, when recording (see [`Simulator::record_landings`]).
     landings: Option<Vec<Landing>>,
+    /// Requests per token allowed in each window (see [`RATE_LIMIT`]).
+    rate_limit: Option<(usize, Duration)>,
+    /// Per token: when its current window began, and the requests counted in it.
+    windows: HashMap<String, (std::time::Instant, usize)>,
 }
 
 /// How many requests were being answered at once.
@@ -205,6 +213,7 @@ impl Simulator {
         let addr = listener.local_addr()?;
         let state: Shared = Arc::new(Mutex::new(SimState {
             open_registration,
+            rate_limit: Some(RATE_LIMIT),
             ..Default::default()
         }));
         let app = router(state.clone());
@@ -363,6 +372,14 @@ impl Simulator {
             status,
             retry_after: (status == 429).then(|| "0".to_string()),
         });
+    }
+
+    /// Allows this many requests per token in each window (None: no limit); Wazzup's is
+    /// [`RATE_LIMIT`], the default.
+    pub fn set_rate_limit(&self, limit: Option<(usize, Duration)>) {
+        let mut s = self.lock();
+        s.rate_limit = limit;
+        s.windows.clear();
     }
 
     /// Adds latency to every answer.
@@ -568,11 +585,37 @@ fn gate(
             user_limit: USER_LIMIT,
             ..Default::default()
         });
+    if let Some(wait) = over_rate_limit(&mut s, &token) {
+        record.status = 429;
+        s.requests.push(record);
+        let mut resp = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "TOO_MANY_REQUESTS",
+            "Too many requests",
+            None,
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, wait.as_secs().max(1).into());
+        return Gate::Answer(resp);
+    }
     if let Some(Fault::Status { status, .. }) = &fault {
         record.status = *status;
     }
     s.requests.push(record);
     Gate::Go(token, fault)
+}
+
+/// Counts a request of `token` in its window: Some(time until the window resets) when it is
+/// over the limit. Every request counts, refused ones too; the counter resets with the window.
+fn over_rate_limit(s: &mut SimState, token: &str) -> Option<Duration> {
+    let (limit, period) = s.rate_limit?;
+    let now = std::time::Instant::now();
+    let window = s.windows.entry(token.to_string()).or_insert((now, 0));
+    if now.duration_since(window.0) >= period {
+        *window = (now, 0);
+    }
+    window.1 += 1;
+    (window.1 > limit).then(|| period.saturating_sub(now.duration_since(window.0)))
 }
 
 /// Answers a scripted status fault, or waits a scripted delay; None: go on.
