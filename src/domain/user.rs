@@ -184,7 +184,10 @@ mod tests {
         let sent: wazzup_api::Text = read;
         assert_eq!(sent, "Jānis 😀 with a name longer than 24 bytes");
         assert!(sent.is_heap_allocated());
-        assert!(!CrmText::from("short id").is_heap_allocated(), "short values stay inline");
+        assert!(
+            !CrmText::from("short id").is_heap_allocated(),
+            "short values stay inline"
+        );
     }
 
     #[test]
