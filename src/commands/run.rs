@@ -39,7 +39,7 @@ pub async fn run_daemon(settings: Settings) -> anyhow::Result<()> {
         }
     }
     health.migrated();
-    engine.export_state_gauges(None).await;
+    engine.export_state_gauges(None, true).await;
     let mut triggers = Triggers::start(&engine, &health).await?;
     tracing::info!(
         schedule = %engine.settings.sync.schedule,

@@ -172,7 +172,15 @@ impl Engine {
         };
         log_cycle(&report, opts);
         if !opts.dry_run {
-            self.export_state_gauges(opts.only_accounts.as_ref()).await;
+            // Users in their grace are counted again when this cycle could have changed them:
+            // a cycle over every account, or one where someone left or was deleted.
+            let departures = report
+                .accounts
+                .iter()
+                .any(|a| a.leaving > 0 || a.deleted > 0);
+            let grace = opts.only_accounts.is_none() || departures;
+            self.export_state_gauges(opts.only_accounts.as_ref(), grace)
+                .await;
         }
         Ok(report)
     }

@@ -198,8 +198,12 @@ impl Engine {
     /// and the same in every replica: `wazzup_sync_open_dead_letters` for every account the
     /// state knows (or only these; accounts skipped as unchanged, and those whose last dead
     /// letter closed, are exported too), the approvals waiting per reason and the oldest one's
-    /// age, and the users in their grace.
-    pub async fn export_state_gauges(&self, only: Option<&std::collections::HashSet<String>>) {
+    /// age, and (with `grace`) the users in their grace, which counts over the whole mirror.
+    pub async fn export_state_gauges(
+        &self,
+        only: Option<&std::collections::HashSet<String>>,
+        grace: bool,
+    ) {
         match state::open_dead_letter_counts(&self.state, only).await {
             Ok(counts) => {
                 for (account_id, n) in counts {
@@ -223,6 +227,9 @@ impl Engine {
                 metrics::gauge!("wazzup_sync_approvals_oldest_waiting_seconds").set(oldest);
             }
             Err(e) => tracing::warn!(error = %e, "Could not count the approvals for the metrics"),
+        }
+        if !grace {
+            return;
         }
         match state::users_in_grace(&self.state).await {
             Ok(n) => metrics::gauge!("wazzup_sync_users_in_grace").set(n as f64),
