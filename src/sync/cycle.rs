@@ -170,7 +170,6 @@ impl Engine {
             duration_ms: started.elapsed().as_millis() as u64,
             records,
         };
-        log_cycle(&report, opts);
         if !opts.dry_run {
             // Users in their grace are counted again when this cycle could have changed them:
             // a cycle over every account, or one where someone left or was deleted.
@@ -182,6 +181,8 @@ impl Engine {
             self.export_state_gauges(opts.only_accounts.as_ref(), grace)
                 .await;
         }
+        // After the gauges: once a cycle is counted, the gauges it changed are current.
+        log_cycle(&report, opts);
         Ok(report)
     }
 

@@ -41,7 +41,9 @@ async fn the_daemon_serves_health_and_metrics_and_stops_cleanly_on_sigterm() {
         let (status, body) = get(&format!("{base}/metrics")).await.unwrap();
         assert_eq!(status, 200);
         metrics = body;
-        if metrics.contains("wazzup_sync_cycle_duration_seconds_count") {
+        if metrics.contains("wazzup_sync_cycle_duration_seconds_count")
+            && metrics.contains("wazzup_sync_open_dead_letters{")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
