@@ -370,8 +370,7 @@ impl Change {
 
 /// True when a role row going from `before` to `after` (None: no row) gives more access: a
 /// manager or auditor row added, a wider role, or new clients turned on. The rule of
-/// `plan --detail` (through [`doc_diff`]) and of `changes.widens_access` (through
-/// [`widening_sql`], which a test holds equal to it).
+/// `plan --detail` (through [`doc_diff`]) and of `changes.widens_access`.
 pub fn widens(before: Option<Access>, after: Option<Access>) -> bool {
     match (before, after) {
         (None, Some(a)) => reach(a.role) > reach(Role::Seller),
@@ -380,29 +379,6 @@ pub fn widens(before: Option<Access>, after: Option<Access>) -> bool {
         }
         _ => false,
     }
-}
-
-/// [`widens`] as an SQL expression over a role row before (`{b}_role`, `{b}_new`; NULL role:
-/// no row) and after (`{a}_role`, `{a}_new`), with each role's reach taken from [`reach`]: the
-/// history's rows are classified in the statement that records the settings.
-pub fn widening_sql(b: &str, a: &str) -> String {
-    let reach_of = |col: String| {
-        format!(
-            "(CASE {col} WHEN 'seller' THEN {} WHEN 'auditor' THEN {} WHEN 'manager' THEN {} END)",
-            reach(Role::Seller),
-            reach(Role::Auditor),
-            reach(Role::Manager)
-        )
-    };
-    format!(
-        "(CASE WHEN {a}_role IS NULL THEN false \
-              WHEN {b}_role IS NULL THEN {} > {} \
-              ELSE {} > {} OR ({a}_new AND NOT {b}_new) END)",
-        reach_of(format!("{a}_role")),
-        reach(Role::Seller),
-        reach_of(format!("{a}_role")),
-        reach_of(format!("{b}_role")),
-    )
 }
 
 /// The settings document and users a dry run compares against.
