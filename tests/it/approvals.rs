@@ -47,15 +47,6 @@ fn role_of(sim: &wazzup_sim::Simulator, user: &str) -> Option<String> {
         .map(|r| r.role.as_str().to_string())
 }
 
-async fn one_account(users: usize) -> (TestDb, wazzup_sim::Simulator) {
-    let db = TestDb::with_crm().await;
-    let sim = simulator().await;
-    db.add_account("a1", "tok-1").await;
-    sim.add_account("tok-1");
-    db.add_users("a1", users).await;
-    (db, sim)
-}
-
 /// (action, actor, note) of the history rows of this user, oldest first.
 async fn history_of(db: &TestDb, user: &str) -> Vec<(String, Option<String>, Option<String>)> {
     sqlx::query_as(

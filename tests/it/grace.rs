@@ -28,15 +28,6 @@ async fn history_of(db: &TestDb, user: &str) -> Vec<(String, String)> {
         .unwrap()
 }
 
-async fn one_account(users: usize) -> (TestDb, wazzup_sim::Simulator) {
-    let db = TestDb::with_crm().await;
-    let sim = simulator().await;
-    db.add_account("a1", "tok-1").await;
-    sim.add_account("tok-1");
-    db.add_users("a1", users).await;
-    (db, sim)
-}
-
 const U3_LEAVES: &str =
     "DELETE FROM wazzup_users WHERE id = 'u3'; DELETE FROM wazzup_user_roles WHERE user_id = 'u3';";
 

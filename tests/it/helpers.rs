@@ -278,6 +278,17 @@ pub async fn simulator() -> Simulator {
     Simulator::start("127.0.0.1:0", false).await.unwrap()
 }
 
+/// A CRM with one account `a1` (token `tok-1`) of `users` users, and a simulator that knows
+/// the token.
+pub async fn one_account(users: usize) -> (TestDb, Simulator) {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.add_users("a1", users).await;
+    (db, sim)
+}
+
 /// What the CRM says an account should hold, as (id → name) and the role rows count.
 pub async fn crm_users(db: &TestDb, account: &str) -> BTreeMap<String, String> {
     let rows: Vec<(String, String)> =
