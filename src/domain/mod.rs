@@ -13,8 +13,8 @@ pub mod user;
 pub use hash::{content_hash, json_hash, salt_key, token_fingerprint};
 pub use normalize::{NormalizeOptions, Normalized, normalize_account};
 pub use phone::{
-    PHONENUMBER_VERSION, Phone, PhoneReading, Remembered, RememberedRow, RememberedUsers,
-    mask_digits, mask_phone, mask_raw_phone, normalize_phone, phone_source,
+    PHONE_RULES, PHONENUMBER_VERSION, Phone, PhoneReading, Remembered, RememberedRow,
+    RememberedUsers, mask_digits, mask_phone, mask_raw_phone, normalize_phone, phone_source,
 };
 pub use role::{Role, RoleEntry, RoleRefusal, reach, read_role};
 pub use settings::{RowValues, SettingsDoc, SettingsDocRef, settings_hash};

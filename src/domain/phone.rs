@@ -34,11 +34,18 @@ pub struct RememberedRow {
 /// of the row hashes. After an upgrade every phone is read again once.
 pub const PHONENUMBER_VERSION: &str = env!("PHONENUMBER_VERSION");
 
-/// Four hex digits of [`PHONENUMBER_VERSION`]'s hash, heading every cache key: short, so that
-/// most keys stay inline (see [`CrmText`]).
+/// The version of the daemon's own rules around `phonenumber` (which reading wins, when the
+/// digits as written are kept): raised when they change, so every phone is read again.
+pub const PHONE_RULES: &str = "2";
+
+/// Four hex digits of the hash of [`PHONENUMBER_VERSION`] and [`PHONE_RULES`], heading every
+/// cache key: short, so that most keys stay inline (see [`CrmText`]).
 fn rules_tag() -> &'static str {
     static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    TAG.get_or_init(|| super::content_hash(PHONENUMBER_VERSION.as_bytes())[..4].to_string())
+    TAG.get_or_init(|| {
+        let rules = format!("{PHONENUMBER_VERSION}|{PHONE_RULES}");
+        super::content_hash(rules.as_bytes())[..4].to_string()
+    })
 }
 
 /// The key under which a phone's reading is cached: the `phonenumber` version and the region
@@ -70,7 +77,10 @@ pub enum Phone {
 ///
 /// National numbers are read with the default region; digits without `+` that do not form a
 /// valid national number are read as international. A number that parses but is outside
-/// libphonenumber's known ranges is still sent (Wazzup only checks the format).
+/// libphonenumber's known ranges is still sent (Wazzup only checks the format), as written:
+/// the digits the CRM wrote, not the library's reading of them, which for such a number may
+/// have dropped a digit (it takes a leading digit equal to the country's trunk prefix for that
+/// prefix: `+7 812…` and `+7 800…` would lose their `8`).
 pub fn normalize_phone(raw: &str, region: Option<Region>) -> Phone {
     let trimmed = raw.trim();
     if trimmed.is_empty() {
@@ -102,17 +112,37 @@ pub fn normalize_phone(raw: &str, region: Option<Region>) -> Phone {
             valid: true,
         };
     }
-    let as_international = if international {
-        parse(None, trimmed)
+    let written = if international {
+        trimmed.to_string()
     } else if let Some(rest) = trimmed.strip_prefix("00") {
-        parse(None, &format!("+{rest}"))
+        format!("+{rest}")
     } else {
-        parse(None, &format!("+{trimmed}"))
+        format!("+{trimmed}")
     };
+    let as_international = parse(None, &written).map(|n| match written_digits(&written) {
+        Some(as_written) if !n.1 && as_written != n.0 => (as_written, false),
+        _ => n,
+    });
     match as_international.or(as_national) {
         Some((digits, valid)) => Phone::Parsed { digits, valid },
         None => Phone::Unreadable,
     }
+}
+
+/// The digits of an international number as written, for one the library does not know: every
+/// digit after the `+` up to anything that is neither a digit nor a separator (an extension, a
+/// note), when they are all ASCII and form a plausible number (8 to 15 digits).
+fn written_digits(international: &str) -> Option<CrmText> {
+    let mut digits = CrmText::default();
+    for c in international.trim_start_matches('+').chars() {
+        match c {
+            '0'..='9' => digits.push(c),
+            ' ' | '-' | '.' | '(' | ')' | '/' | '\u{a0}' => {}
+            c if c.is_numeric() => return None,
+            _ => break,
+        }
+    }
+    (8..=15).contains(&digits.len()).then_some(digits)
 }
 
 /// Masks a phone for logs, showing only its first and last digits: `371 *** *34`.
@@ -135,7 +165,8 @@ pub fn mask_raw_phone(raw: &str) -> String {
         .take(40)
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    let digits = raw.chars().filter(char::is_ascii_digit).count();
+    // Any script's digits count (a CRM may hold full-width ones), not only ASCII.
+    let digits = raw.chars().filter(|c| c.is_numeric()).count();
     if digits <= 4 {
         return raw;
     }
@@ -143,7 +174,7 @@ pub fn mask_raw_phone(raw: &str) -> String {
     let mut seen = 0;
     raw.chars()
         .map(|c| {
-            if !c.is_ascii_digit() {
+            if !c.is_numeric() {
                 return c;
             }
             seen += 1;
@@ -169,7 +200,7 @@ pub fn mask_digits(text: &str) -> String {
         run.clear();
     };
     for c in text.chars() {
-        if c.is_ascii_digit() {
+        if c.is_numeric() {
             run.push(c);
         } else {
             flush(&mut run, &mut out);
@@ -296,11 +327,42 @@ mod tests {
     }
 
     #[test]
+    fn a_number_the_library_does_not_know_is_sent_with_every_digit_written() {
+        let parsed = |raw: &str, region: Option<Region>| match normalize_phone(raw, region) {
+            Phone::Parsed { digits, .. } => digits.to_string(),
+            other => format!("{other:?}"),
+        };
+        // Russian numbers whose area code starts with the trunk prefix `8`: the library's
+        // reading drops that `8`; the CRM's digits are sent.
+        assert_eq!(parsed("+7 800 555 35 36", None), "78005553536");
+        assert_eq!(parsed("+7 800 555 35 36", Some(Region::RU)), "78005553536");
+        assert_eq!(parsed("+7 (812) 123-45-67", None), "78121234567");
+        assert_eq!(parsed("78005553538", None), "78005553538");
+        assert_eq!(parsed("0078005553538", Some(Region::LV)), "78005553538");
+        assert_eq!(parsed("+7 800 555 35 36 ext 5", None), "78005553536");
+        // Known numbers are still the library's reading.
+        assert_eq!(parsed("+7 912 345 67 89 ext. 5", None), "79123456789");
+        assert_eq!(parsed("8 912 345 67 89", Some(Region::RU)), "79123456789");
+        for raw in ["8 800 555 35 35", "8 (812) 123-45-67"] {
+            let got = parsed(raw, Some(Region::RU));
+            let written: String = raw.chars().filter(char::is_ascii_digit).collect();
+            assert!(
+                got == written || got == format!("7{}", &written[1..]),
+                "{raw}: {got}"
+            );
+        }
+    }
+
+    #[test]
     fn a_masked_phone_shows_only_the_ends() {
         assert_eq!(mask_phone("37155123434"), "371 *** *34");
         assert_eq!(
             mask_digits("User with phone number 37155123434 already exists, code 400"),
             "User with phone number 371 *** *34 already exists, code 400"
+        );
+        assert_eq!(
+            mask_digits("phone ７９１２１１１２２３５"),
+            "phone ７９１ *** *３５"
         );
     }
 
@@ -310,5 +372,11 @@ mod tests {
         assert_eq!(mask_raw_phone("+7 912 345-67-89"), "+7 91* ***-**-89");
         assert_eq!(mask_raw_phone("12345"), "***45");
         assert_eq!(mask_raw_phone("call me"), "call me");
+        // Digits of other scripts are hidden too.
+        assert_eq!(
+            mask_raw_phone("＋７９１２１１１２２３５"),
+            "＋７９１******３５"
+        );
+        assert_eq!(mask_raw_phone("+7912111223６"), "+791******3６");
     }
 }

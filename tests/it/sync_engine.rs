@@ -124,6 +124,35 @@ async fn an_update_a_delete_and_a_role_change_send_only_what_changed() {
 }
 
 #[tokio::test]
+async fn numbers_the_phone_library_cannot_read_whole_reach_wazzup_with_every_digit_written() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.add_user("a1", "spb", "St Petersburg", Some("+7 (812) 123-45-67"))
+        .await;
+    db.add_user("a1", "free", "Toll Free", Some("+7 800 555 35 36"))
+        .await;
+    db.add_user("a1", "mobile", "Mobile", Some("8 912 345-67-89"))
+        .await;
+    let region = ("WAZZUP_SYNC__SOURCE__DEFAULT_PHONE_REGION", "RU");
+    sync(&db, &sim, &[region]).await;
+    let phones: Vec<(String, Option<String>)> = sim
+        .users("tok-1")
+        .into_iter()
+        .map(|(id, u)| (id, u.phone.map(|p| p.to_string())))
+        .collect();
+    assert_eq!(
+        phones,
+        [
+            ("free".to_string(), Some("78005553536".to_string())),
+            ("mobile".to_string(), Some("79123456789".to_string())),
+            ("spb".to_string(), Some("78121234567".to_string())),
+        ]
+    );
+}
+
+#[tokio::test]
 async fn every_kind_of_local_rejection_is_a_dead_letter_and_never_reaches_wazzup() {
     let db = TestDb::with_crm().await;
     let sim = simulator().await;
