@@ -315,6 +315,12 @@ impl Settings {
             PgConnectOptions::from_str(s.source.listen_url.expose_secret())
                 .map_err(|_| bad("SOURCE__LISTEN_URL", "is not a valid PostgreSQL URL"))?;
         }
+        if s.source.max_connections < 2 {
+            return Err(bad(
+                "SOURCE__MAX_CONNECTIONS",
+                "must be at least 2: a cycle reads on two connections at once",
+            ));
+        }
         for (key, secs) in [
             (
                 "SOURCE__CONNECT_TIMEOUT_SECS",
@@ -375,6 +381,9 @@ impl Settings {
         }
         if s.wazzup.single_account_id.trim().is_empty() {
             return Err(bad("WAZZUP__SINGLE_ACCOUNT_ID", "is empty"));
+        }
+        if let Some(why) = token_fault(s.wazzup.token.expose_secret()) {
+            return Err(bad("WAZZUP__TOKEN", why));
         }
         Ok(())
     }
@@ -552,6 +561,16 @@ fn read_secret_files(vars: &mut config::Map<String, String>) -> Result<(), Confi
         vars.insert(name, content.trim_end_matches(['\n', '\r']).to_string());
     }
     Ok(())
+}
+
+/// Why a token (trimmed) cannot be sent in an HTTP header, if it cannot: the token itself is
+/// never part of the answer.
+pub fn token_fault(token: &str) -> Option<&'static str> {
+    token
+        .trim()
+        .chars()
+        .any(|c| !c.is_ascii() || c.is_ascii_control())
+        .then_some("has a character a token cannot hold in an HTTP header (a line break, a control or non-ASCII character)")
 }
 
 fn bad(key: &str, what: &str) -> ConfigError {
@@ -871,6 +890,37 @@ mod tests {
             "{e}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn one_crm_connection_or_a_token_with_a_line_break_stops_start_up_naming_the_variable() {
+        let e = Settings::load_from(
+            None,
+            vars(&[
+                ("WAZZUP_SYNC__SOURCE__URL", "postgres://localhost/crm"),
+                ("WAZZUP_SYNC__SOURCE__MAX_CONNECTIONS", "1"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("WAZZUP_SYNC__SOURCE__MAX_CONNECTIONS must be at least 2"),
+            "{e}"
+        );
+        for token in ["tok-secret\nline2", "tok\u{7}secret", "tok-sécret"] {
+            let e = Settings::load_from(
+                None,
+                vars(&[
+                    ("WAZZUP_SYNC__SOURCE__URL", "postgres://localhost/crm"),
+                    ("WAZZUP_SYNC__WAZZUP__TOKEN", token),
+                ]),
+            )
+            .unwrap_err();
+            assert!(
+                e.0.starts_with("WAZZUP_SYNC__WAZZUP__TOKEN has a character"),
+                "{e}"
+            );
+            assert!(!e.0.contains("secret") && !e.0.contains("sécret"), "{e}");
+        }
     }
 
     #[test]

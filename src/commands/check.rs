@@ -146,10 +146,18 @@ async fn check_tokens(engine: &Engine, crm_ok: bool, out: &mut Lines) {
         Some(t) => vec![(settings.wazzup.single_account_id.clone(), t)],
         None if !crm_ok => vec![],
         None => match source::list_accounts(&engine.source, settings).await {
-            Ok((accounts, _)) => accounts
-                .into_iter()
-                .map(|a| (a.account_id, a.token))
-                .collect(),
+            Ok((accounts, summary)) => {
+                for (id, why) in summary.bad_accounts {
+                    out.say(
+                        Verdict::Fail,
+                        format!("account {id}: {why}; a cycle skips this account"),
+                    );
+                }
+                accounts
+                    .into_iter()
+                    .map(|a| (a.account_id, a.token))
+                    .collect()
+            }
             Err(e) => {
                 out.say(Verdict::Fail, e.to_string());
                 vec![]

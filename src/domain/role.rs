@@ -31,6 +31,13 @@ pub struct RoleRefusal {
 /// and is refused as ambiguous, never read as `manager`.
 pub fn read_role(raw: &str, map: &BTreeMap<String, Role>) -> Result<Role, RoleRefusal> {
     let trimmed = raw.trim();
+    if trimmed.is_empty() {
+        // Never mapped: a row without a role must not get one by default.
+        return Err(RoleRefusal {
+            code: "unknown_role",
+            message: "The role row has no role (NULL or blank): write seller, manager or auditor in the view, or leave the row out".into(),
+        });
+    }
     if !map.is_empty()
         && let Some(role) = map.get(&trimmed.to_lowercase())
     {
@@ -265,5 +272,20 @@ mod tests {
                 .message
                 .contains("[source.role_map] \"Quality Control\"")
         );
+    }
+
+    #[test]
+    fn a_row_without_a_role_is_refused_even_when_the_map_names_an_empty_value() {
+        let map: BTreeMap<String, Role> = [(String::new(), Role::Seller)].into();
+        for raw in ["", "   "] {
+            let e = read_role(raw, &map).unwrap_err();
+            assert_eq!(e.code, "unknown_role");
+            assert!(
+                e.message.contains("has no role (NULL or blank)"),
+                "{}",
+                e.message
+            );
+            assert!(!e.message.contains("role_map"), "{}", e.message);
+        }
     }
 }

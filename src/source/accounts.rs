@@ -52,6 +52,12 @@ pub(super) async fn read_accounts(
         let push = c.boolean(&row, 2)?.unwrap_or(false);
         match (account_id, token) {
             (Some(id), Some(token)) if !id.trim().is_empty() && !token.trim().is_empty() => {
+                if let Some(why) = crate::config::token_fault(&token) {
+                    summary
+                        .bad_accounts
+                        .push((id, format!("the account row's token {why}")));
+                    continue;
+                }
                 *seen.entry(id.clone()).or_default() += 1;
                 all.push(SourceAccount {
                     account_id: id,

@@ -434,6 +434,51 @@ async fn check_reports_each_part_and_fails_on_a_missing_column_or_a_refused_toke
 }
 
 #[tokio::test]
+async fn check_fails_on_each_account_row_a_cycle_skips_and_the_others_sync() {
+    let db = TestDb::with_crm().await;
+    let sim = simulator().await;
+    db.add_account("a1", "tok-1").await;
+    sim.add_account("tok-1");
+    db.add_users("a1", 2).await;
+    db.exec(
+        "INSERT INTO wazzup_accounts VALUES
+           ('blank', '   ', false), ('null', NULL, false), (NULL, 'tok-orphan', false),
+           ('broken', E'tok-secret\\nline2', false),
+           ('twice', 'tok-2', false), ('twice', 'tok-3', false)",
+    )
+    .await;
+
+    let out = run_bin(&["check"], &env_for(&db, &sim, &[])).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    for line in [
+        "ok   account a1: token accepted",
+        "FAIL account blank: the account row has no token; a cycle skips this account",
+        "FAIL account null: the account row has no token; a cycle skips this account",
+        "FAIL account (no id): an account row has no account_id; a cycle skips this account",
+        "FAIL account broken: the account row's token has a character a token cannot hold in an HTTP header",
+        "FAIL account twice: the account id appears on more than one row of the accounts query; a cycle skips this account",
+    ] {
+        assert!(stdout.contains(line), "{line:?} missing from\n{stdout}");
+    }
+    assert!(
+        !stdout.contains("tok-") && !stdout.contains("secret"),
+        "no token printed"
+    );
+
+    let out = run_bin(&["sync"], &env_for(&db, &sim, &[])).await;
+    let log = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert_eq!(sim.users("tok-1").len(), 2, "the good account syncs");
+    let skipped = log_lines(&log)
+        .into_iter()
+        .filter(|v| v["message"] == "Skipping an account row of the accounts query")
+        .count();
+    assert_eq!(skipped, 5, "{log}");
+    assert!(!log.contains("tok-secret"), "no token in the log");
+}
+
+#[tokio::test]
 async fn queries_pasted_from_psql_with_a_semicolon_or_a_comment_line_work() {
     let db = TestDb::with_crm().await;
     let sim = simulator().await;
