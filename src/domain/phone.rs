@@ -119,9 +119,14 @@ pub fn normalize_phone(raw: &str, region: Option<Region>) -> Phone {
     } else {
         format!("+{trimmed}")
     };
-    let as_international = parse(None, &written).map(|n| match written_digits(&written) {
-        Some(as_written) if !n.1 && as_written != n.0 => (as_written, false),
-        _ => n,
+    let as_international = parse(None, &written).map(|n| {
+        if n.1 {
+            return n;
+        }
+        match written_digits(&written) {
+            Some(as_written) if as_written != n.0 => (as_written, false),
+            _ => n,
+        }
     });
     match as_international.or(as_national) {
         Some((digits, valid)) => Phone::Parsed { digits, valid },
