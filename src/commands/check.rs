@@ -1,5 +1,6 @@
 //! `check`: everything an operator wants to know before the first sync, one line each.
 
+use futures::StreamExt;
 use tokio::sync::watch;
 use wazzup_api::{Account, RequestStats};
 
@@ -164,15 +165,24 @@ async fn check_tokens(engine: &Engine, crm_ok: bool, out: &mut Lines) {
             }
         },
     };
-    for (id, token) in accounts {
-        let stats = RequestStats::default();
-        let acct = Account {
-            account_id: &id,
-            token: &token,
-            stats: &stats,
-        };
-        match engine.client.get_users_page(&acct, 0, 1).await {
-            Ok(_) => out.say(Verdict::Ok, format!("account {id}: token accepted")),
+    // Tokens are checked `sync.concurrency` at a time (each token has its own rate limit), and
+    // said in the accounts' order.
+    let answers = futures::stream::iter(accounts)
+        .map(|(id, token)| async move {
+            let stats = RequestStats::default();
+            let acct = Account {
+                account_id: &id,
+                token: &token,
+                stats: &stats,
+            };
+            let answer = engine.client.get_users_page(&acct, 0, 1).await.map(drop);
+            (id, answer)
+        })
+        .buffered(settings.sync.concurrency.max(1));
+    futures::pin_mut!(answers);
+    while let Some((id, answer)) = answers.next().await {
+        match answer {
+            Ok(()) => out.say(Verdict::Ok, format!("account {id}: token accepted")),
             Err(e) => out.say(Verdict::Fail, format!("account {id}: {e}")),
         }
     }

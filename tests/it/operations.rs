@@ -422,6 +422,11 @@ async fn check_reports_each_part_and_fails_on_a_missing_column_or_a_refused_toke
         assert!(stdout.contains(line), "{line:?} missing from\n{stdout}");
     }
     assert!(!stdout.contains("tok-"), "no token printed");
+    let at = |line: &str| stdout.find(line).unwrap();
+    assert!(
+        at("account a1:") < at("account a2:"),
+        "tokens are said in the accounts' order"
+    );
 
     db.exec("DELETE FROM wazzup_accounts WHERE account_id = 'a2'; ALTER TABLE wazzup_users DROP COLUMN name").await;
     let out = run_bin(&["check"], &env_for(&db, &sim, &[])).await;
