@@ -577,6 +577,30 @@ fn bad(key: &str, what: &str) -> ConfigError {
     ConfigError(format!("{ENV_PREFIX}__{key} {what}"))
 }
 
+/// Where a TOML error is and what kind it is (`: at line 3, column 7: invalid string`), without
+/// the quoted line, which may hold a secret.
+fn toml_error_place(cause: &str) -> String {
+    let place = cause
+        .lines()
+        .next()
+        .and_then(|l| l.find(" at line ").map(|i| l[i + 1..].trim().to_string()));
+    let kind = cause
+        .lines()
+        .map(str::trim)
+        .rfind(|l| {
+            !l.is_empty()
+                && !l.starts_with('|')
+                && !l.starts_with(|c: char| c.is_ascii_digit())
+                && !l.contains("parse error")
+        })
+        .map(str::to_string);
+    match (place, kind) {
+        (Some(p), Some(k)) => format!(": {p}: {k}"),
+        (Some(p), None) => format!(": {p}"),
+        _ => String::new(),
+    }
+}
+
 /// Turns the config crate's error into one line naming the variable, never echoing a value.
 fn describe_config_error(e: config::ConfigError) -> ConfigError {
     match &e {
@@ -588,9 +612,10 @@ fn describe_config_error(e: config::ConfigError) -> ConfigError {
             "{} has a wrong value: expected {expected}",
             env_name(key)
         )),
-        config::ConfigError::FileParse { uri, .. } => ConfigError(format!(
-            "Configuration file {} is not valid TOML",
-            uri.as_deref().unwrap_or("?")
+        config::ConfigError::FileParse { uri, cause } => ConfigError(format!(
+            "Configuration file {} is not valid TOML{}",
+            uri.as_deref().unwrap_or("?"),
+            toml_error_place(&cause.to_string())
         )),
         _ => {
             let msg = e.to_string();
@@ -921,6 +946,23 @@ mod tests {
             );
             assert!(!e.0.contains("secret") && !e.0.contains("sécret"), "{e}");
         }
+    }
+
+    #[test]
+    fn a_toml_error_names_its_line_and_kind_but_never_quotes_the_file() {
+        let dir = std::env::temp_dir().join(format!("wzs-toml-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("bad.toml");
+        std::fs::write(
+            &file,
+            "[source]\nurl = \"postgres://u:hunter2@db/crm\"\nusers_query = \"SELECT 1\n",
+        )
+        .unwrap();
+        let e = Settings::load_from(Some(file.as_path()), vars(&[])).unwrap_err();
+        assert!(e.0.contains("is not valid TOML: at line 3, column"), "{e}");
+        assert!(!e.0.contains("hunter2") && !e.0.contains("SELECT"), "{e}");
+        assert_eq!(e.0.lines().count(), 1, "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
