@@ -348,6 +348,9 @@ impl Engine {
             .await?;
             return Ok(None);
         }
+        if !leaves && job.approvals_open {
+            self.keep_held_deletions_held(job, plan).await?;
+        }
         let held = if leaves {
             &plan.held_leavers
         } else {
@@ -389,6 +392,35 @@ impl Engine {
         }
         plan.held_deletes = wait;
         Ok(None)
+    }
+
+    /// A deletion once held waits for its own decision, however few are left: deciding some of
+    /// a mass deletion must not let the rest (a rejected one included) through when they drop
+    /// under the guard's bar.
+    async fn keep_held_deletions_held(
+        &self,
+        job: &Job<'_>,
+        plan: &mut UserPlan<'_>,
+    ) -> Result<(), StateError> {
+        use state::approvals::{self, Reason};
+        if plan.deletes.is_empty() {
+            return Ok(());
+        }
+        let open: std::collections::HashSet<String> =
+            approvals::open_approvals(&self.state, Some(job.id()))
+                .await?
+                .into_iter()
+                .filter(|a| a.reason == Reason::MassDelete.as_str())
+                .filter_map(|a| a.user_id)
+                .collect();
+        let (held, go): (Vec<String>, Vec<String>) = std::mem::take(&mut plan.deletes)
+            .into_iter()
+            .partition(|id| open.contains(id));
+        plan.deletes = go;
+        plan.held_deletes.extend(held);
+        plan.held_deletes.sort();
+        plan.held_deletes.dedup();
+        Ok(())
     }
 
     /// Users who left the CRM, and how long they stay in Wazzup after.

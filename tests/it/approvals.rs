@@ -210,6 +210,57 @@ async fn a_bulk_delete_waits_as_approvals_and_goes_once_approved() {
 }
 
 #[tokio::test]
+async fn deciding_part_of_a_bulk_delete_lets_only_the_approved_go_however_few_are_left() {
+    let (db, sim) = one_account(20).await;
+    sync(&db, &sim, &[]).await;
+    db.exec(
+        "DELETE FROM wazzup_user_roles WHERE user_id NOT IN ('u1', 'u2', 'u3', 'u4', 'u5');
+         DELETE FROM wazzup_users WHERE id NOT IN ('u1', 'u2', 'u3', 'u4', 'u5');",
+    )
+    .await;
+    sync(&db, &sim, &[]).await;
+    let waiting = list(&db, &sim).await;
+    assert_eq!(waiting.len(), 15);
+    let id_of = |user: &str| {
+        waiting
+            .iter()
+            .find(|a| a["user_id"] == user)
+            .map(|a| a["id"].to_string())
+            .unwrap()
+    };
+    let approve: Vec<String> = ["u6", "u7", "u8", "u9", "u10"].map(id_of).to_vec();
+    let mut args = vec!["approve"];
+    args.extend(approve.iter().map(String::as_str));
+    args.extend(["--by", "carol"]);
+    let (code, _, err) = decide(&db, &sim, &args).await;
+    assert_eq!(code, 0, "{err}");
+    let rejected = id_of("u11");
+    let (code, _, err) = decide(&db, &sim, &["reject", &rejected, "--by", "carol"]).await;
+    assert_eq!(code, 0, "{err}");
+
+    // Ten are left, no more than the guard's bar: they still wait for their own decisions.
+    for _ in 0..2 {
+        sync(&db, &sim, &[]).await;
+    }
+    let users = sim.users("tok-1");
+    assert_eq!(
+        users.len(),
+        15,
+        "only the five approved went: {:?}",
+        users.keys()
+    );
+    assert!(users.contains_key("u11"), "a rejected deletion stays out");
+    let open = list(&db, &sim).await;
+    assert_eq!(open.len(), 10);
+    assert_eq!(
+        open.iter().filter(|a| a["status"] == "rejected").count(),
+        1,
+        "{open:?}"
+    );
+    assert_eq!(open.iter().filter(|a| a["status"] == "waiting").count(), 9);
+}
+
+#[tokio::test]
 async fn the_allow_flag_and_setting_are_recorded_as_decided_by_cli_and_config() {
     for (extra, args, by) in [
         (None, vec!["sync", "--allow-mass-delete", "a1"], "cli"),
