@@ -263,11 +263,14 @@ pub async fn record_invalid(
     Ok(opened as u64)
 }
 
-/// A `refused` history row: the record's entity, its code and reason.
+/// A `refused` history row: the record's entity, its code and reason, with every run of seven
+/// or more digits masked as `mask_digits` masks it in the logs (`791 *** *89`).
 const REFUSED: (&str, &str, &str) = (
     "'refused'",
     "NULL",
-    "jsonb_build_object('entity', d.entity, 'code', d.error_code, 'reason', d.error_message)",
+    "jsonb_build_object('entity', d.entity, 'code', d.error_code, 'reason',
+         regexp_replace(d.error_message, '([[:digit:]]{3})[[:digit:]]{2,}([[:digit:]]{2})',
+                        '\\1 *** *\\2', 'g'))",
 );
 
 /// A stable hash of a local rejection: its row and its reason; unchanged ones are not rewritten.

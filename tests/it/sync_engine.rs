@@ -376,12 +376,21 @@ async fn a_refused_settings_document_and_a_refused_deletion_close_once_they_land
             Some(path),
             Fault::Status {
                 status: 400,
-                body: r#"{"error":"validationError","description":"refused"}"#.into(),
+                body: r#"{"error":"validationError","description":"refused: phone 79123456789"}"#
+                    .into(),
                 retry_after: None,
             },
         );
     }
     sync(&db, &sim, &[]).await;
+    // The history's rows mask phones, also in Wazzup's own words.
+    let reasons: Vec<String> = sqlx::query_scalar(
+        "SELECT after->>'reason' FROM wazzup_sync.changes WHERE action = 'refused' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(reasons, ["refused: phone 791 *** *89"; 2]);
     let open: Vec<(String, String)> = db
         .open_dead_letters()
         .await
