@@ -93,6 +93,9 @@ async fn run_cycles(
     let grace = Duration::from_secs(engine.settings.sync.shutdown_grace_secs);
     let mut failures = FailureLog::default();
     let mut quiet = false;
+    // After a failed cycle, a full one is tried again soon (1 s, 2 s, 4 s … up to a minute)
+    // instead of at the next tick: what a failed notified cycle was to send is not left waiting.
+    let mut retry_at: Option<tokio::time::Instant> = None;
     // Once a day, between cycles: the history older than its retention goes.
     let mut prune = tokio::time::interval(PRUNE_EVERY);
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -105,6 +108,10 @@ async fn run_cycles(
                 continue;
             }
             opts = triggers.next() => opts,
+            () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)),
+                if retry_at.is_some() => {
+                triggers.full(Trigger::Schedule)
+            }
             // Quiet for a while: the sessions the cycle left idle are closed.
             () = tokio::time::sleep(crate::db::IDLE_TIMEOUT), if !quiet => {
                 crate::db::close_idle(&engine.source).await;
@@ -132,6 +139,16 @@ async fn run_cycles(
             health.cycle_finished();
         }
         failures.record(engine, result).await;
+        retry_at = failures
+            .retry_in()
+            .map(|delay| tokio::time::Instant::now() + delay);
+        if retry_at.is_some() {
+            // A database that restarted or ended the daemon's sessions leaves them dead in the
+            // pools and as the lock session: they go, and the retry opens new ones.
+            crate::db::close_idle(&engine.source).await;
+            crate::db::close_idle(&engine.state).await;
+            engine.release_locks().await;
+        }
     }
 }
 
@@ -320,6 +337,12 @@ struct FailureLog {
 }
 
 impl FailureLog {
+    /// How soon to try again after the failures in a row (none after a success).
+    fn retry_in(&self) -> Option<Duration> {
+        (self.in_a_row > 0)
+            .then(|| Duration::from_secs(1 << (self.in_a_row - 1).min(6)).min(MAX_RETRY_DELAY))
+    }
+
     async fn record(&mut self, engine: &Engine, r: Result<CycleReport, crate::sync::CycleError>) {
         match r {
             Ok(_) => {
@@ -336,7 +359,7 @@ impl FailureLog {
                     tracing::error!(
                         error = %why,
                         failed_cycles = self.in_a_row,
-                        "Cycle failed; the next scheduled cycle will try again"
+                        "Cycle failed; a full cycle tries again soon"
                     );
                 }
             }

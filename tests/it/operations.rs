@@ -362,6 +362,57 @@ async fn a_notification_from_the_crm_syncs_its_account_without_waiting_for_the_s
 }
 
 #[tokio::test]
+async fn a_cycle_that_fails_on_sessions_the_database_ended_is_tried_again_within_seconds() {
+    let (db, sim) = one_account(2).await;
+    let env = env_for(
+        &db,
+        &sim,
+        &[
+            ("WAZZUP_SYNC__SYNC__SCHEDULE", "0 0 0 1 1 *"),
+            ("WAZZUP_SYNC__SYNC__LISTEN_CHANNEL", "wazzup_sync"),
+            ("WAZZUP_SYNC__HTTP__ENABLED", "false"),
+        ],
+    );
+    let mut child = spawn_bin(&["run"], &env);
+    for _ in 0..200 {
+        if sim.users("tok-1").len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(sim.users("tok-1").len(), 2, "the start-up cycle ran");
+    wait_until_listening_and_idle(&db).await;
+
+    // The database ends the daemon's pooled sessions (a restart, an administrator); the LISTEN
+    // session stays, so the next notification finds the pools' sessions dead.
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE application_name = 'wazzup-sync' AND datname = current_database()
+           AND query NOT LIKE 'LISTEN%') AS t",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(ended > 0, "the daemon held pooled sessions");
+    db.exec("INSERT INTO wazzup_users VALUES ('a1', 'new', 'New Hire', NULL, false)")
+        .await;
+    db.exec("SELECT pg_notify('wazzup_sync', 'a1')").await;
+    let started = std::time::Instant::now();
+    while !sim.users("tok-1").contains_key("new") {
+        if started.elapsed() > Duration::from_secs(20) {
+            child.kill().await.unwrap();
+            let out = child.wait_with_output().await.unwrap();
+            panic!(
+                "the edit waited for the schedule: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_long_cycle_reports_its_progress_every_few_seconds() {
     let db = TestDb::with_crm().await;
     let sim = simulator().await;
