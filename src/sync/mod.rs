@@ -239,18 +239,21 @@ impl Engine {
 }
 
 /// What, besides the rows, decides what a row means: the code's version and rules, the
-/// `phonenumber` version (its metadata decides how a phone reads) and the rules around it, and the settings that change normalization or deletion. Mixed into the accounts' fingerprints and
+/// `phonenumber` version (its metadata decides how a phone reads) and the rules around it, and
+/// the settings that change normalization or deletion (a changed grace looks at every account
+/// again, so its leavers' deletion times follow it). Mixed into the accounts' fingerprints and
 /// into the rows' hashes.
 fn salt(settings: &Settings, normalize: &NormalizeOptions) -> String {
     crate::domain::content_hash(
         format!(
-            "{}|{RULES_VERSION}|{}|{}|{:?}|{:?}|{}",
+            "{}|{RULES_VERSION}|{}|{}|{:?}|{:?}|{}|{:?}",
             env!("CARGO_PKG_VERSION"),
             crate::domain::PHONENUMBER_VERSION,
             crate::domain::PHONE_RULES,
             normalize.region,
             normalize.role_map,
-            settings.sync.delete_missing
+            settings.sync.delete_missing,
+            settings.delete_grace()
         )
         .as_bytes(),
     )

@@ -28,6 +28,21 @@ async fn history_of(db: &TestDb, user: &str) -> Vec<(String, String)> {
         .unwrap()
 }
 
+#[tokio::test]
+async fn a_shorter_grace_applies_at_once_to_those_already_leaving() {
+    let (db, sim) = one_account(4).await;
+    let long = ("WAZZUP_SYNC__SYNC__DELETE_GRACE", "1h");
+    sync(&db, &sim, &[long]).await;
+    db.exec(U3_LEAVES).await;
+    sync(&db, &sim, &[long]).await;
+    assert!(sim.users("tok-1").contains_key("u3"), "in its grace");
+
+    let none = ("WAZZUP_SYNC__SYNC__DELETE_GRACE", "0s");
+    let report = sync(&db, &sim, &[none]).await;
+    assert_eq!(report.accounts[0].deleted, 1, "{report:?}");
+    assert!(!sim.users("tok-1").contains_key("u3"));
+}
+
 const U3_LEAVES: &str =
     "DELETE FROM wazzup_users WHERE id = 'u3'; DELETE FROM wazzup_user_roles WHERE user_id = 'u3';";
 
