@@ -215,6 +215,7 @@ fn write_history_csv(rows: &[history::ChangeRow], out: &mut impl Write) -> std::
         "actor",
         "note",
         "id",
+        "approval_id",
     ];
     let rows = rows
         .iter()
@@ -234,6 +235,7 @@ fn write_history_csv(rows: &[history::ChangeRow], out: &mut impl Write) -> std::
                 r.actor.clone().unwrap_or_default(),
                 r.note.clone().unwrap_or_default(),
                 r.id.to_string(),
+                r.approval_id.map(|a| a.to_string()).unwrap_or_default(),
             ]
         })
         .collect();

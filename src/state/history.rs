@@ -151,6 +151,8 @@ pub struct ChangeRow {
     pub instance: Option<String>,
     pub actor: Option<String>,
     pub note: Option<String>,
+    /// The approval a person decided for this change, when one was.
+    pub approval_id: Option<i64>,
 }
 
 /// Which history rows to read.
@@ -171,7 +173,8 @@ pub async fn history(pool: &PgPool, f: &HistoryFilter) -> Result<Vec<ChangeRow>>
     let actions: Option<&[String]> = (!f.actions.is_empty()).then_some(&f.actions[..]);
     sqlx::query_as(
         "SELECT c.id, c.acknowledged_at, c.cycle_id, c.account_id, c.user_id, c.channel_id,
-                c.action, c.before, c.after, c.widens_access, c.cause, y.instance, c.actor, c.note
+                c.action, c.before, c.after, c.widens_access, c.cause, y.instance, c.actor, c.note,
+                c.approval_id
          FROM changes c LEFT JOIN cycles y ON y.id = c.cycle_id
          WHERE ($1::text IS NULL OR c.user_id = $1)
            AND ($2::text IS NULL OR c.account_id = $2)

@@ -123,6 +123,43 @@ async fn a_promotion_waits_for_approval_while_the_rest_of_the_account_syncs() {
         &("role_changed".to_string(), alice.0, alice.1),
         "the change names its approver"
     );
+    // `history` names the approval in JSON and CSV.
+    let out = run_bin(
+        &[
+            "history",
+            "u2",
+            "--action",
+            "role_changed",
+            "--format",
+            "json",
+        ],
+        &env_for(&db, &sim, &[]),
+    )
+    .await;
+    let row: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().next().unwrap()).unwrap();
+    assert_eq!(row["approval_id"].to_string(), id, "{row}");
+    let out = run_bin(
+        &[
+            "history",
+            "u2",
+            "--action",
+            "role_changed",
+            "--format",
+            "csv",
+        ],
+        &env_for(&db, &sim, &[]),
+    )
+    .await;
+    let csv = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        csv.lines().next().unwrap().ends_with(",id,approval_id"),
+        "{csv}"
+    );
+    assert!(
+        csv.lines().nth(1).unwrap().ends_with(&format!(",{id}")),
+        "{csv}"
+    );
     let status: String =
         sqlx::query_scalar("SELECT status FROM wazzup_sync.approvals WHERE id = $1")
             .bind(id.parse::<i64>().unwrap())
