@@ -434,6 +434,35 @@ impl Drop for PrivatePg {
     }
 }
 
+/// Starts `run` with the CRM notifications heard and the schedule once a year, and waits until
+/// its start-up cycle gave `token` its `users` and it listens, idle.
+pub async fn start_listening_daemon(
+    db: &TestDb,
+    sim: &Simulator,
+    (token, users): (&str, usize),
+) -> tokio::process::Child {
+    let env = env_for(
+        db,
+        sim,
+        &[
+            // Once a year: only the start-up cycle and notifications run during the test.
+            ("WAZZUP_SYNC__SYNC__SCHEDULE", "0 0 0 1 1 *"),
+            ("WAZZUP_SYNC__SYNC__LISTEN_CHANNEL", "wazzup_sync"),
+            ("WAZZUP_SYNC__HTTP__ENABLED", "false"),
+        ],
+    );
+    let child = spawn_bin(&["run"], &env);
+    for _ in 0..200 {
+        if sim.users(token).len() == users {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(sim.users(token).len(), users, "the start-up cycle ran");
+    wait_until_listening_and_idle(db).await;
+    child
+}
+
 /// Waits (up to 30 s) until the daemon has a LISTEN session on this database, a cycle that
 /// started after that session opened has finished, and no cycle runs: what it reads after
 /// then is what the test writes next.

@@ -310,25 +310,7 @@ async fn a_notification_from_the_crm_syncs_its_account_without_waiting_for_the_s
     sim.add_account("tok-1");
     sim.add_account("tok-2");
     db.add_users("a1", 2).await;
-    let env = env_for(
-        &db,
-        &sim,
-        &[
-            // Once a year: only the start-up cycle and notifications run during the test.
-            ("WAZZUP_SYNC__SYNC__SCHEDULE", "0 0 0 1 1 *"),
-            ("WAZZUP_SYNC__SYNC__LISTEN_CHANNEL", "wazzup_sync"),
-            ("WAZZUP_SYNC__HTTP__ENABLED", "false"),
-        ],
-    );
-    let mut child = spawn_bin(&["run"], &env);
-    for _ in 0..100 {
-        if sim.users("tok-1").len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(sim.users("tok-1").len(), 2, "the start-up cycle ran");
-    wait_until_listening_and_idle(&db).await;
+    let mut child = start_listening_daemon(&db, &sim, ("tok-1", 2)).await;
     sim.clear_requests();
 
     // The trigger an operator adds to the CRM tables does this; a burst costs one cycle.
@@ -364,24 +346,7 @@ async fn a_notification_from_the_crm_syncs_its_account_without_waiting_for_the_s
 #[tokio::test]
 async fn a_cycle_that_fails_on_sessions_the_database_ended_is_tried_again_within_seconds() {
     let (db, sim) = one_account(2).await;
-    let env = env_for(
-        &db,
-        &sim,
-        &[
-            ("WAZZUP_SYNC__SYNC__SCHEDULE", "0 0 0 1 1 *"),
-            ("WAZZUP_SYNC__SYNC__LISTEN_CHANNEL", "wazzup_sync"),
-            ("WAZZUP_SYNC__HTTP__ENABLED", "false"),
-        ],
-    );
-    let mut child = spawn_bin(&["run"], &env);
-    for _ in 0..200 {
-        if sim.users("tok-1").len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(sim.users("tok-1").len(), 2, "the start-up cycle ran");
-    wait_until_listening_and_idle(&db).await;
+    let mut child = start_listening_daemon(&db, &sim, ("tok-1", 2)).await;
 
     // The database ends the daemon's pooled sessions (a restart, an administrator); the LISTEN
     // session stays, so the next notification finds the pools' sessions dead.
